@@ -1,0 +1,234 @@
+"""collect_data.py: SAC's losses, the file format, resume after a hard kill, and one-line errors."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import collect_data as cd
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32,
+        "next_observations": np.float32, "terminals": np.bool_, "timeouts": np.bool_}  # fmt: skip
+
+
+def run(*flags, check=True, **kwargs):
+    cmd = [sys.executable, str(ROOT / "collect_data.py"), *map(str, flags)]
+    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+# ---------------------------------------------------------------- SAC on toy cases
+class ConstActor(torch.nn.Module):
+    """sample() returns a fixed action and log-probability."""
+
+    def __init__(self, action, log_prob):
+        super().__init__()
+        self.action, self.log_prob = action, log_prob
+
+    def sample(self, obs):
+        return self.action.expand(obs.shape[0], -1), self.log_prob.expand(obs.shape[0])
+
+
+class LinearTwin(torch.nn.Module):
+    """Q_i(s, a) = w_i * (sum(s) + sum(a)): easy to compute by hand."""
+
+    def __init__(self, w1, w2):
+        super().__init__()
+        self.w = torch.tensor([[w1], [w2]])
+
+    def forward(self, obs, act):
+        return self.w * (obs.sum(-1) + act.sum(-1))
+
+
+def test_critic_loss_by_hand():
+    obs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    act = torch.tensor([[0.5], [-0.5]])
+    rew = torch.tensor([1.0, 0.0])
+    next_obs = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    terminal = torch.tensor([0.0, 1.0])
+    actor = ConstActor(torch.tensor([[0.25]]), torch.tensor([-1.0]))
+    critic, target = LinearTwin(1.0, 2.0), LinearTwin(3.0, 0.5)
+    log_alpha = torch.tensor(math.log(0.2))
+    loss = cd.critic_loss(actor, critic, target, log_alpha, (obs, act, rew, next_obs, terminal), gamma=0.9)
+    # next sums: 1.25 and 2.25; min of (3x, 0.5x) = 0.5x -> 0.625, 1.125; minus alpha*logp = +0.2
+    y = torch.tensor([1.0 + 0.9 * (0.625 + 0.2), 0.0])  # the second transition is terminal
+    q1 = torch.tensor([1.5, 1.5])  # sums 1.5 and 1.5
+    q2 = 2 * q1
+    expected = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+    assert torch.allclose(loss, expected)
+
+
+def test_actor_and_alpha_loss_by_hand():
+    obs = torch.tensor([[1.0, 1.0]])
+    actor = ConstActor(torch.tensor([[0.5]]), torch.tensor([-2.0]))
+    log_alpha = torch.tensor(math.log(0.5), requires_grad=True)
+    loss, log_prob = cd.actor_loss(actor, LinearTwin(1.0, -1.0), log_alpha, obs)
+    assert torch.allclose(loss, torch.tensor(0.5 * -2.0 - (-2.5)))  # min Q = -2.5
+    # entropy 2 > target -1: the temperature must go down
+    cd.alpha_loss(log_alpha, log_prob, target_entropy=-1.0).backward()
+    assert log_alpha.grad > 0
+    log_alpha.grad = None
+    # entropy -3 < target -1: the temperature must go up
+    cd.alpha_loss(log_alpha, torch.tensor([3.0]), target_entropy=-1.0).backward()
+    assert log_alpha.grad < 0
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = cd.TanhGaussianActor(3, 2, 16)
+    obs = torch.randn(64, 3)
+    torch.manual_seed(1)
+    action, log_prob = actor.sample(obs)
+    mean, log_std = actor(obs)
+    dist = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()]
+    )
+    torch.manual_seed(1)
+    x = mean + log_std.exp() * torch.randn_like(mean)  # the same pre-tanh sample
+    assert torch.allclose(action, torch.tanh(x))
+    assert torch.allclose(log_prob, dist.log_prob(torch.tanh(x)).sum(-1), atol=1e-3)
+    assert action.abs().max() < 1
+
+
+def test_vectorized_linear_is_two_linears():
+    torch.manual_seed(0)
+    layer = cd.VectorizedLinear(2, 5, 3)
+    x = torch.randn(2, 7, 5)
+    for i in range(2):
+        assert torch.allclose(layer(x)[i], x[i] @ layer.weight[i] + layer.bias[i, 0], atol=1e-6)
+
+
+def test_sac_update_learns_a_bandit():
+    """One-step task (terminal after every action), reward -(a - 0.5)^2: the actor's mean moves to 0.5."""
+    torch.manual_seed(0)
+    args = cd.Args(hidden_dim=32, learning_rate=3e-3, init_alpha=0.01)
+    agent = cd.SAC(1, 1, args, torch.device("cpu"))
+    agent.target_entropy = -4.0  # a low target keeps the temperature from blurring the optimum
+    for _ in range(800):
+        obs = torch.zeros(128, 1)
+        act = torch.rand(128, 1) * 2 - 1
+        batch = [obs, act, -((act[:, 0] - 0.5) ** 2), obs, torch.ones(128)]
+        agent.update(batch, args)
+    mean = torch.tanh(agent.actor(torch.zeros(1, 1))[0]).item()
+    assert abs(mean - 0.5) < 0.1, mean
+
+
+def test_return_stats():
+    rewards = np.array([1, 2, 3, 10, 10, 0, 0, 4], dtype=np.float32)
+    ends = np.array([0, 0, 1, 0, 1, 0, 0, 1], dtype=bool)
+    s = cd.return_stats(rewards, ends)  # returns 6, 20, 4
+    assert s["num_episodes"] == 3 and s["return_mean"] == pytest.approx(10) and s["return_min"] == 4
+    assert s["return_median"] == 6 and s["return_max"] == 20 and s["return_std"] == pytest.approx(np.std([6, 20, 4]))
+
+
+# ---------------------------------------------------------------- end to end
+TINY = ["--env", "cheetah-run", "--num-seeds", "1", "--train-episodes", "4", "--trajectories-per-seed", "2",
+        "--warmup-episodes", "2", "--eval-every", "2", "--eval-episodes", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_datasets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("collect")
+    run(*TINY, "--datasets-dir", tmp / "datasets", "--runs-dir", tmp / "runs")
+    return tmp
+
+
+@pytest.mark.parametrize("kind", cd.KINDS)
+def test_file_format(tiny_datasets, kind):
+    path = tiny_datasets / "datasets" / "cheetah-run" / f"{kind}.hdf5"
+    with h5py.File(path, "r") as f:
+        assert set(f.keys()) == set(KEYS)
+        data = {k: f[k][:] for k in KEYS}
+        attrs = dict(f.attrs)
+    n = 2 * 500
+    for k, dtype in KEYS.items():
+        assert data[k].dtype == dtype, k
+        assert data[k].shape[0] == n, k
+    assert data["observations"].shape == data["next_observations"].shape == (n, 17)
+    assert data["actions"].shape == (n, 6) and np.abs(data["actions"]).max() <= 1
+    assert not data["terminals"].any()
+    assert np.array_equal(np.flatnonzero(data["timeouts"]), [499, 999])
+    inside = ~data["timeouts"][:-1]
+    assert np.array_equal(data["next_observations"][:-1][inside], data["observations"][1:][inside])
+    assert attrs["env"] == "cheetah-run" and attrs["dataset"] == kind
+    assert attrs["action_repeat"] == 2 and attrs["episode_length"] == 500 and attrs["obs_type"] == "proprio"
+    assert attrs["format_version"] == cd.FORMAT_VERSION and list(attrs["collector_seeds"]) == [1]
+    returns = data["rewards"].reshape(2, 500).sum(1)
+    assert attrs["num_episodes"] == 2
+    assert attrs["return_mean"] == pytest.approx(returns.mean(), rel=1e-5)
+    assert attrs["return_max"] == pytest.approx(returns.max(), rel=1e-5)
+    for key in ("return_std", "return_min", "return_p25", "return_median", "return_p75"):
+        assert key in attrs
+    # no temporary or work files are left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"{k}.hdf5" for k in cd.KINDS)
+
+
+def test_tensorboard_log(tiny_datasets):
+    assert list((tiny_datasets / "runs" / "collect_data__cheetah-run__1").glob("events.out.tfevents.*"))
+
+
+def test_existing_dataset_needs_overwrite(tiny_datasets):
+    out = run(*TINY, "--datasets-dir", tiny_datasets / "datasets", check=False)
+    assert out.returncode != 0 and "--overwrite" in out.stderr
+
+
+# ---------------------------------------------------------------- resume
+FAST = ["--env", "cheetah-run", "--num-seeds", "1", "--train-episodes", "12", "--warmup-episodes", "1",
+        "--trajectories-per-seed", "1", "--kinds", "expert", "medium-replay", "--eval-every", "3", "--eval-episodes", "1",
+        "--hidden-dim", "32", "--batch-size", "32", "--update-every", "5", "--checkpoint-every", "1"]  # fmt: skip
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    run(*FAST, "--datasets-dir", tmp_path / "a", "--runs-dir", tmp_path / "runs_a")
+    cmd = [sys.executable, str(ROOT / "collect_data.py"), *FAST, "--datasets-dir", str(tmp_path / "b")]
+    proc = subprocess.Popen(
+        cmd + ["--runs-dir", str(tmp_path / "runs_b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoint = tmp_path / "b" / "cheetah-run" / ".work" / "seed_1" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # a hard stop: no handler runs
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (tmp_path / "b" / "cheetah-run" / "expert.hdf5").exists()
+
+    again = run(*FAST, "--datasets-dir", tmp_path / "b", "--runs-dir", tmp_path / "runs_b", check=False)
+    assert again.returncode != 0 and "--resume" in again.stderr  # never silently starts over
+    resumed = run(*FAST, "--datasets-dir", tmp_path / "b", "--runs-dir", tmp_path / "runs_b", "--resume")
+    assert "resumed from" in resumed.stdout
+    for kind in ("expert", "medium-replay"):
+        with h5py.File(tmp_path / "a" / "cheetah-run" / f"{kind}.hdf5") as fa, h5py.File(
+            tmp_path / "b" / "cheetah-run" / f"{kind}.hdf5"
+        ) as fb:
+            for k in KEYS:
+                assert np.array_equal(fa[k][:], fb[k][:]), (kind, k)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env", "cheetah-fly"], "unknown env 'cheetah-fly'; valid names: acrobot-swingup"),
+        (["--num-seeds", "0"], "--num-seeds must be at least 1"),
+        (["--warmup-episodes", "700"], "--warmup-episodes must be in"),
+        (["--kinds", "expert", "--datasets-dir", "/dev/null/datasets"], "cannot write to /dev/null/datasets"),
+    ],
+)
+def test_one_line_errors(flags, message, tmp_path):
+    out = run(*flags, check=False, cwd=tmp_path)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.startswith("error:")]) == 1
