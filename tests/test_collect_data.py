@@ -170,8 +170,10 @@ def test_file_format(tiny_datasets, kind):
     assert attrs["return_max"] == pytest.approx(returns.max(), rel=1e-5)
     for key in ("return_std", "return_min", "return_p25", "return_median", "return_p75"):
         assert key in attrs
-    # no temporary or work files are left behind
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"{k}.hdf5" for k in cd.KINDS)
+    # the datasets and the checkpoints (kept so that a collection can be extended), no temporary files
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([".work"] + [f"{k}.hdf5" for k in cd.KINDS])
+    assert not [p for p in path.parent.rglob("*") if ".tmp" in p.name]
+    assert (path.parent / ".work" / "seed_1" / "checkpoint.pt").exists()
 
 
 def test_tensorboard_log(tiny_datasets):
@@ -232,3 +234,16 @@ def test_one_line_errors(flags, message, tmp_path):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len([line for line in out.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_a_finished_collection_can_be_extended(tmp_path):
+    flags = [*FAST, "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs"]
+    run(*flags)
+    checkpoint = tmp_path / "d" / "cheetah-run" / ".work" / "seed_1" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=False)["episode"] == 12
+    flags[flags.index("--train-episodes") + 1] = "15"
+    out = run(*flags, "--resume", "--overwrite")
+    assert "resumed from" in out.stdout and "at episode 12" in out.stdout
+    assert torch.load(checkpoint, weights_only=False)["episode"] == 15
+    with h5py.File(tmp_path / "d" / "cheetah-run" / "expert.hdf5") as f:
+        assert f.attrs["snapshot_episodes"][0] == 15  # the expert is the extended agent's final policy

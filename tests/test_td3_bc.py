@@ -30,7 +30,9 @@ def test_critic_loss_by_hand():
     next_obs = torch.tensor([[0.0], [3.0]])
     terminal = torch.tensor([0.0, 1.0])
     actor_target = lambda o: torch.full((o.shape[0], 1), 0.9)  # noqa: E731
-    loss = td3_bc.critic_loss(LinearTwin(1.0, 2.0), LinearTwin(2.0, -1.0), actor_target, (obs, act, rew, next_obs, terminal), args)
+    loss = td3_bc.critic_loss(
+        LinearTwin(1.0, 2.0), LinearTwin(2.0, -1.0), actor_target, (obs, act, rew, next_obs, terminal), args
+    )
     # target: next sums 0.9 and 3.9, min(2x, -x) = -0.9 and -3.9; the second transition is terminal
     y = torch.tensor([1.0 + 0.5 * -0.9, 2.0])
     q1 = torch.tensor([1.5, 1.5])
@@ -140,8 +142,8 @@ def test_bad_datasets_get_clear_errors(tmp_path):
 
 
 def test_smoke_run_resume_and_summary(fake_datasets, tmp_path):
-    flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "smoke", "--labeled-fraction", "0.5",
-             "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1"]  # fmt: skip
+    flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "smoke",
+             "--labeled-fraction", "0.5", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1"]  # fmt: skip
     run_script("td3_bc.py", *flags, "--total-steps", "100")
     again = run_script("td3_bc.py", *flags, "--total-steps", "200", check=False)
     assert again.returncode != 0 and "--resume" in again.stderr

@@ -1,0 +1,102 @@
+"""Measures what docs/ reports as speed: environment steps/s, SAC updates/s (collect_data.py) and TD3+BC
+updates/s (td3_bc.py), on random data, with the networks and update code of the scripts themselves.
+
+    python benchmarks/speed.py --threads 2
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import collect_data  # noqa: E402
+import td3_bc  # noqa: E402
+
+
+def rate(fn, seconds: float) -> float:
+    """Calls fn() repeatedly for about `seconds` after a warm-up; returns calls per second."""
+    for _ in range(10):
+        fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def env_steps(name: str, seconds: float) -> float:
+    """Agent steps/s (action repeat 2) of `rollout` with uniform random actions."""
+    env = collect_data.make_env(name, 0)
+    act_dim = env.action_spec().shape[0]
+    rng = np.random.default_rng(0)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        steps += len(collect_data.rollout(env, lambda o: rng.uniform(-1, 1, act_dim), 500, 2)[1])
+    return steps / (time.perf_counter() - start)
+
+
+def sac_updates(seconds: float) -> float:
+    args = collect_data.Args()
+    agent = collect_data.SAC(17, 6, args, torch.device("cpu"))
+    n = 100_000
+    replay = [torch.randn(n, 17), torch.rand(n, 6) * 2 - 1, torch.randn(n), torch.randn(n, 17), torch.zeros(n)]
+
+    def step():
+        idx = torch.randint(0, n, (args.batch_size,))
+        agent.update([x[idx] for x in replay], args)
+
+    return rate(step, seconds)
+
+
+def td3_bc_updates(seconds: float) -> float:
+    """The update of td3_bc.py's training loop (critic every step, actor and targets every policy_freq)."""
+    args = td3_bc.Args()
+    actor, actor_target = td3_bc.Actor(17, 6, args.hidden_dim), td3_bc.Actor(17, 6, args.hidden_dim)
+    critic, critic_target = td3_bc.TwinCritic(17, 6, args.hidden_dim), td3_bc.TwinCritic(17, 6, args.hidden_dim)
+    actor_target.requires_grad_(False)
+    critic_target.requires_grad_(False)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
+    target_params = list(critic_target.parameters()) + list(actor_target.parameters())
+    online_params = list(critic.parameters()) + list(actor.parameters())
+    n = 100_000
+    data = [torch.randn(n, 17), torch.rand(n, 6) * 2 - 1, torch.randn(n), torch.randn(n, 17), torch.zeros(n)]
+    counter = [0]
+
+    def step():
+        idx = torch.randint(0, n, (args.batch_size,))
+        batch = [x[idx] for x in data]
+        loss_q = td3_bc.critic_loss(critic, critic_target, actor_target, batch, args)
+        critic_optimizer.zero_grad(set_to_none=True)
+        loss_q.backward()
+        critic_optimizer.step()
+        if counter[0] % args.policy_freq == 0:
+            critic.requires_grad_(False)
+            loss_pi, _ = td3_bc.actor_loss(actor, critic, batch, args.alpha)
+            actor_optimizer.zero_grad(set_to_none=True)
+            loss_pi.backward()
+            actor_optimizer.step()
+            critic.requires_grad_(True)
+            with torch.no_grad():
+                torch._foreach_lerp_(target_params, online_params, args.tau)
+        counter[0] += 1
+
+    return rate(step, seconds)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per figure")
+    parser.add_argument("--envs", nargs="*", default=["cheetah-run", "walker-walk", "hopper-stand"])
+    a = parser.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {a.threads} threads")
+    for name in a.envs:
+        print(f"{name}: {env_steps(name, a.seconds):7.0f} agent steps/s (random actions, action repeat 2)")
+    print(f"SAC (collect_data.py, batch 256, 256x2):  {sac_updates(a.seconds):6.1f} updates/s")
+    print(f"TD3+BC (td3_bc.py, batch 256, 256x2):     {td3_bc_updates(a.seconds):6.1f} updates/s")

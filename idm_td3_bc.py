@@ -1,0 +1,518 @@
+# IDM-TD3+BC, the LAWM paper's baseline for action-free data: an inverse dynamics model (IDM), trained on
+# the action-labeled trajectories, labels the action-free ones with the actions it infers from
+# (o_{t-W+2}, ..., o_t, o_{t+1}); TD3+BC (Fujimoto & Gu 2021) then trains on all of them. Docs: docs/td3_bc.md.
+import os
+
+os.environ.setdefault("MUJOCO_GL", "disable")  # states only: no OpenGL context is ever needed
+
+import json
+import math
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    env: str = "cheetah-run"
+    """dm_control suite task as `domain-task`; its datasets are read from `{datasets_dir}/{env}/`"""
+    dataset: str = "medium-replay"
+    """dataset kind: expert, medium, medium-replay, random or plan2explore"""
+    datasets_dir: str = "datasets"
+    """folder that collect_data.py wrote the datasets to"""
+    labeled_fraction: float = 0.05
+    """fraction of the trajectories that keep their actions, in (0, 1]; 1.0 is the paper's Oracle"""
+    split_seed: int = 0
+    """seed of the permutation that picks the labeled trajectories (same seed, same split in every script)"""
+    seed: int = 1
+    """seed of the run: python, numpy, torch and the evaluation environments"""
+    runs_dir: str = "runs"
+    """folder of the run folders"""
+    run_name: Optional[str] = None
+    """name of the run folder; default `{env}__{dataset}__{exp_name}__{seed}__{unix time}`"""
+    cuda: bool = True
+    """use the GPU when there is one"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` and deterministic algorithms"""
+    eval_every: int = 5_000
+    """gradient steps between evaluations (each one also writes a checkpoint)"""
+    eval_episodes: int = 10
+    """episodes per evaluation in the real environment"""
+    save_model: bool = False
+    """write the final networks and optimizers to `{run folder}/model.pt`"""
+    resume: bool = False
+    """continue the run `--run-name` from its last checkpoint"""
+
+    # Algorithm specific arguments
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of the actor and the critics"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the actor and the critics"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target networks"""
+    policy_noise: float = 0.2
+    """std of the target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """the smoothing noise is clipped to [-noise_clip, noise_clip]"""
+    policy_freq: int = 2
+    """critic steps per actor and target update"""
+    alpha: float = 2.5
+    """weight of Q against behaviour cloning: lambda = alpha / mean|Q(s, pi(s))|"""
+
+    # Inverse dynamics model arguments
+    idm_window: int = 2
+    """observations the IDM sees to infer a_t: o_{t-W+2}, ..., o_t, o_{t+1} (2: o_t and o_{t+1})"""
+    idm_steps: int = 20_000
+    """maximum gradient steps of the IDM (early stopping may end it sooner)"""
+    idm_batch_size: int = 256
+    """transitions per IDM gradient step"""
+    idm_hidden_dim: int = 256
+    """width of the IDM's hidden layers"""
+    idm_layers: int = 2
+    """hidden layers of the IDM (Linear, LayerNorm, Swish, Dropout)"""
+    idm_dropout: float = 0.1
+    """dropout rate of the IDM"""
+    idm_learning_rate: float = 3e-4
+    """Adam learning rate of the IDM"""
+    idm_val_fraction: float = 0.1
+    """fraction of the labeled trajectories held out to validate the IDM (at least one)"""
+    idm_eval_every: int = 500
+    """IDM gradient steps between validations"""
+    idm_patience: int = 10
+    """validations without improvement before the IDM stops; its best state is kept"""
+
+
+def make_env(name: str, seed: int):
+    """Loads a dm_control suite task from its `domain-task` name, without time limit (episodes are cut by us)."""
+    from absl import logging as absl_logging
+    from dm_control import suite
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # mujoco's deprecation notes on every load
+    domain, _, task = name.partition("-")
+    if (domain, task) not in suite.ALL_TASKS:
+        valid = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
+        raise SystemExit(f"error: unknown env {name!r}; valid names: {valid}")
+    return suite.load(domain, task, task_kwargs={"random": seed, "time_limit": float("inf")})
+
+
+def flat_obs(observation) -> np.ndarray:
+    """The proprioceptive observation dict flattened, keys in the order dm_control returns them."""
+    return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+def rollout(env, policy, episode_length: int, action_repeat: int):
+    """Runs one episode of `episode_length` agent steps; `policy(obs) -> action in [-1, 1]`.
+    Returns (observations (T+1, obs_dim), actions (T, act_dim), rewards (T,), terminal)."""
+    obs = [flat_obs(env.reset().observation)]
+    actions, rewards, terminal = [], [], False
+    for _ in range(episode_length):
+        action = np.asarray(policy(obs[-1]), dtype=np.float32)
+        reward = 0.0
+        for _ in range(action_repeat):
+            ts = env.step(action)
+            reward += ts.reward or 0.0
+            if ts.last():  # the time limit is off, so this is a true termination
+                terminal = True
+                break
+        obs.append(flat_obs(ts.observation))
+        actions.append(action)
+        rewards.append(reward)
+        if terminal:
+            break
+    return np.stack(obs), np.stack(actions), np.asarray(rewards, dtype=np.float32), terminal
+
+
+DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def load_dataset(args: Args) -> dict:
+    """Reads `{datasets_dir}/{env}/{dataset}.hdf5` and splits it by trajectory into labeled (D_ac) and
+    action-free (D_af) parts. The actions of D_af are replaced by NaN, so that any use of them shows up.
+    Returns the flat arrays plus `episode_starts`, `episode_ends` (exclusive), `labeled` (per transition),
+    `labeled_episodes` (0-based, file order), and the file's attributes."""
+    path = Path(args.datasets_dir) / args.env / f"{args.dataset}.hdf5"
+    if not 0 < args.labeled_fraction <= 1:
+        raise SystemExit(f"error: --labeled-fraction must be in (0, 1], got {args.labeled_fraction}")
+    if not path.exists():
+        raise SystemExit(
+            f"error: {path} not found; make it with: python collect_data.py --env {args.env} "
+            f"--kinds {args.dataset} --datasets-dir {args.datasets_dir}"
+        )
+    with h5py.File(path, "r") as f:
+        missing = [k for k in DATASET_KEYS if k not in f]
+        if missing:
+            raise SystemExit(f"error: {path} lacks the keys {', '.join(missing)}")
+        data = {k: f[k][:] for k in DATASET_KEYS}
+        attrs = dict(f.attrs)
+    n = len(data["rewards"])
+    expected = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1, "timeouts": 1}
+    for k, ndim in expected.items():
+        if data[k].ndim != ndim or len(data[k]) != n:
+            raise SystemExit(f"error: {path}: {k} has shape {data[k].shape}, expected {ndim} dims and {n} rows")
+    if data["next_observations"].shape != data["observations"].shape:
+        raise SystemExit(f"error: {path}: next_observations {data['next_observations'].shape} != observations")
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        if not np.isfinite(data[k]).all():
+            raise SystemExit(f"error: {path}: {k} holds NaN or inf values")
+        data[k] = data[k].astype(np.float32)
+    ends = data["terminals"].astype(bool) | data["timeouts"].astype(bool)
+    if n == 0 or not ends[-1]:
+        raise SystemExit(f"error: {path}: the last transition does not end an episode (terminals | timeouts)")
+    episode_ends = np.flatnonzero(ends) + 1
+    episode_starts = np.r_[0, episode_ends[:-1]]
+    # the split: a permutation of the trajectories seeded by split_seed; the first k keep their actions
+    num_episodes = len(episode_starts)
+    k = max(1, round(args.labeled_fraction * num_episodes))
+    labeled_episodes = np.sort(np.random.default_rng(args.split_seed).permutation(num_episodes)[:k])
+    labeled = np.zeros(n, dtype=bool)
+    for e in labeled_episodes:
+        labeled[episode_starts[e] : episode_ends[e]] = True
+    data["actions"][~labeled] = np.nan
+    data["terminals"] = data["terminals"].astype(np.float32)
+    data.update(episode_starts=episode_starts, episode_ends=episode_ends, labeled=labeled, attrs=attrs)
+    data["labeled_episodes"] = labeled_episodes
+    return data
+
+
+def evaluate(args: Args, make_policy, attrs: dict, seed: int) -> np.ndarray:
+    """Returns of `args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh
+    `obs -> action` for each episode (so a policy with memory starts clean)."""
+    env = make_env(args.env, seed)
+    return np.array(
+        [rollout(env, make_policy(), int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum()
+         for _ in range(args.eval_episodes)]
+    )  # fmt: skip
+
+
+def make_run_dir(args: Args) -> Path:
+    """`runs/{run_name}`: a new folder, or the existing one with `--resume`."""
+    if args.resume and args.run_name is None:
+        raise SystemExit("error: --resume needs --run-name, the folder of the run to continue")
+    run_name = args.run_name or f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / run_name
+    if args.resume and not (run_dir / "checkpoint.pt").exists():
+        raise SystemExit(f"error: {run_dir / 'checkpoint.pt'} not found: nothing to resume")
+    if not args.resume and (run_dir / "checkpoint.pt").exists():
+        raise SystemExit(f"error: {run_dir} holds a run already; pass --resume to continue it or pick another --run-name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def save_atomic(obj, path: Path):
+    """torch.save to a temporary file, then rename: an interruption leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, **extra):
+    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings."""
+    returns = [r for _, r in evals]
+    summary = {
+        "final_return": returns[-1],
+        "final_normalized_score": returns[-1] / 10,
+        "best_normalized_score": max(returns) / 10,
+        "evaluations": [{"step": s, "return": r} for s, r in evals],
+        "labeled_episodes": [int(e) for e in labeled_episodes],
+        "args": asdict(args),
+        "git_commit": git_commit(),
+        **extra,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def compute_mean_std(observations: np.ndarray, eps: float = 1e-3):
+    """State normalisation of TD3+BC: the dataset's per-dimension mean and std (+eps)."""
+    return observations.mean(0), observations.std(0) + eps
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialisation, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinCritic(nn.Module):
+    """Q1 and Q2 as one network: both critics run in the same batched matmuls."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            VectorizedLinear(2, obs_dim + act_dim, hidden),
+            nn.ReLU(),
+            VectorizedLinear(2, hidden, hidden),
+            nn.ReLU(),
+            VectorizedLinear(2, hidden, 1),
+        )
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).unsqueeze(0).expand(2, -1, -1)  # (B, D) -> (2, B, D)
+        return self.net(x).squeeze(-1)  # (2, B)
+
+
+class Actor(nn.Module):
+    """Deterministic policy pi(s) in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim), nn.Tanh()
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+def critic_loss(critic, critic_target, actor_target, batch, args: Args) -> torch.Tensor:
+    """TD3's clipped double-Q target with target policy smoothing; the sum of both critics' MSE."""
+    obs, act, rew, next_obs, terminal = batch
+    with torch.no_grad():
+        noise = (torch.randn_like(act) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+        next_act = (actor_target(next_obs) + noise).clamp(-1, 1)
+        target = rew + args.gamma * (1 - terminal) * critic_target(next_obs, next_act).min(0).values
+    return ((critic(obs, act) - target) ** 2).mean(1).sum()
+
+
+def actor_loss(actor, critic, batch, alpha: float):
+    """-lambda Q1(s, pi(s)) + (pi(s) - a)^2, with lambda = alpha / mean|Q1| (not differentiated)."""
+    obs, act = batch[0], batch[1]
+    pi = actor(obs)
+    q = critic(obs, pi)[0]
+    lmbda = alpha / q.abs().mean().detach()
+    return -lmbda * q.mean() + F.mse_loss(pi, act), lmbda
+
+
+class IDM(nn.Module):
+    """Inverse dynamics model: (o_{t-W+2}, ..., o_t, o_{t+1}) -> a_t in [-1, 1]."""
+
+    def __init__(self, in_dim: int, act_dim: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        blocks = []
+        for i in range(layers):
+            blocks += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout)]
+        self.net = nn.Sequential(*blocks, nn.Linear(hidden, act_dim), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def idm_inputs(observations: np.ndarray, next_observations: np.ndarray, episode_starts: np.ndarray, window: int):
+    """Per transition t, the IDM's input [o_{t-W+2}, ..., o_t, o_{t+1}] flattened: (N, D) -> (N, W * D).
+    Steps before the episode's start repeat its first observation, so no window crosses an episode."""
+    t = np.arange(len(observations))
+    past = np.maximum(t[:, None] + np.arange(-(window - 2), 1)[None, :], episode_starts[:, None])  # (N, W - 1)
+    x = np.concatenate([observations[past], next_observations[:, None]], 1)  # (N, W - 1, D) + (N, 1, D) -> (N, W, D)
+    return x.reshape(len(observations), -1)
+
+
+def r2_score(pred: np.ndarray, target: np.ndarray) -> float:
+    """Coefficient of determination, averaged over action dimensions."""
+    return float(np.mean(1 - ((pred - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0).clip(1e-8)))
+
+
+def train_idm(x: np.ndarray, dataset: dict, args: Args, device: torch.device, writer: SummaryWriter):
+    """Trains the IDM on the labeled trajectories, a held-out part of them for validation and early
+    stopping; returns the best IDM and its validation metrics."""
+    labeled = dataset["labeled_episodes"]
+    if len(labeled) < 2:
+        raise SystemExit("error: the IDM needs at least 2 labeled trajectories (one to validate); raise --labeled-fraction")
+    rng = np.random.default_rng(args.seed)
+    val_episodes = rng.choice(labeled, max(1, round(args.idm_val_fraction * len(labeled))), replace=False)
+    episode_of = np.repeat(np.arange(len(dataset["episode_starts"])), dataset["episode_ends"] - dataset["episode_starts"])
+    val = np.isin(episode_of, val_episodes)
+    tr = dataset["labeled"] & ~val
+    x_tr, a_tr = (torch.as_tensor(v, device=device) for v in (x[tr], dataset["actions"][tr]))
+    x_val, a_val = (torch.as_tensor(v, device=device) for v in (x[val], dataset["actions"][val]))
+    idm = IDM(x.shape[1], a_tr.shape[1], args.idm_hidden_dim, args.idm_layers, args.idm_dropout).to(device)
+    optimizer = torch.optim.Adam(idm.parameters(), lr=args.idm_learning_rate)
+    best = {"val_mse": float("inf")}
+    waited = 0
+    for step in range(args.idm_steps):
+        idx = torch.randint(0, len(x_tr), (args.idm_batch_size,), device=device)
+        loss = F.mse_loss(idm(x_tr[idx]), a_tr[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % args.idm_eval_every == 0 or step + 1 == args.idm_steps:
+            idm.eval()
+            with torch.no_grad():
+                pred = idm(x_val)
+            idm.train()
+            val_mse = F.mse_loss(pred, a_val).item()
+            writer.add_scalar("idm/train_mse", loss.item(), step + 1)
+            writer.add_scalar("idm/val_mse", val_mse, step + 1)
+            if val_mse < best["val_mse"]:
+                r2 = r2_score(pred.cpu().numpy(), a_val.cpu().numpy())
+                best = {
+                    "val_mse": val_mse,
+                    "val_r2": r2,
+                    "step": step + 1,
+                    "state": {k: v.clone() for k, v in idm.state_dict().items()},
+                }
+                waited = 0
+            else:
+                waited += 1
+                if waited >= args.idm_patience:
+                    break
+    idm.load_state_dict(best.pop("state"))
+    idm.eval()
+    writer.add_scalar("idm/best_val_mse", best["val_mse"], best["step"])
+    writer.add_scalar("idm/best_val_r2", best["val_r2"], best["step"])
+    print(
+        f"IDM: best validation MSE {best['val_mse']:.4f}, R2 {best['val_r2']:.3f} at step {best['step']} "
+        f"({len(val_episodes)} held-out trajectories)"
+    )
+    return idm, best
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "policy_freq", "idm_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.idm_window < 2:
+        raise SystemExit(f"error: --idm-window must be at least 2 (o_t and o_(t+1)), got {args.idm_window}")
+    dataset = load_dataset(args)
+    run_dir = make_run_dir(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TD3+BC sees every trajectory: the action-free ones with the actions the IDM infers
+    train = {k: dataset[k] for k in DATASET_KEYS}
+    print(f"{run_dir.name}: {len(dataset['labeled_episodes'])} labeled trajectories, {len(train['rewards'])} transitions")
+    mean, std = compute_mean_std(train["observations"])
+    starts = np.repeat(dataset["episode_starts"], dataset["episode_ends"] - dataset["episode_starts"])
+    x = idm_inputs((train["observations"] - mean) / std, (train["next_observations"] - mean) / std, starts, args.idm_window)
+    idm, idm_metrics = train_idm(x, dataset, args, device, writer)
+    with torch.no_grad():
+        inferred = idm(torch.as_tensor(x[~dataset["labeled"]], device=device)).cpu().numpy()
+    train["actions"] = train["actions"].copy()
+    train["actions"][~dataset["labeled"]] = inferred
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    normalize = {"observations": lambda x: (x - mean) / std, "next_observations": lambda x: (x - mean) / std}
+    data = [torch.as_tensor(normalize.get(k, lambda x: x)(train[k]), dtype=torch.float32, device=device) for k in keys]
+    obs_dim, act_dim = data[0].shape[1], data[1].shape[1]
+
+    actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic_target = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    critic_target.load_state_dict(critic.state_dict())
+    actor_target.requires_grad_(False)
+    critic_target.requires_grad_(False)
+    fused = device.type in ("cpu", "cuda")  # one kernel per optimizer step instead of one per tensor
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=fused)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=fused)
+    nets = {"actor": actor, "actor_target": actor_target, "critic": critic, "critic_target": critic_target}
+    nets.update(actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer)
+
+    start_step, evals = 0, []
+    if args.resume:
+        state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location=device)
+        for k, net in nets.items():
+            net.load_state_dict(state[k])
+        start_step, evals = state["step"], [tuple(e) for e in state["evals"]]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed {run_dir} at step {start_step}")
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        o = torch.as_tensor((obs - mean) / std, dtype=torch.float32, device=device)
+        return actor(o.unsqueeze(0))[0].cpu().numpy()
+
+    start_time, target_params = time.time(), list(critic_target.parameters()) + list(actor_target.parameters())
+    online_params = list(critic.parameters()) + list(actor.parameters())
+    for step in range(start_step, args.total_steps):
+        idx = torch.randint(0, len(data[0]), (args.batch_size,), device=device)
+        batch = [x[idx] for x in data]
+        loss_q = critic_loss(critic, critic_target, actor_target, batch, args)
+        critic_optimizer.zero_grad(set_to_none=True)
+        loss_q.backward()
+        critic_optimizer.step()
+
+        if step % args.policy_freq == 0:
+            critic.requires_grad_(False)  # the actor's gradient flows through Q1(s, a) into a only
+            loss_pi, lmbda = actor_loss(actor, critic, batch, args.alpha)
+            actor_optimizer.zero_grad(set_to_none=True)
+            loss_pi.backward()
+            actor_optimizer.step()
+            critic.requires_grad_(True)
+            with torch.no_grad():
+                torch._foreach_lerp_(target_params, online_params, args.tau)
+
+        if (step + 1) % 1000 == 0:
+            sps = (step + 1 - start_step) / (time.time() - start_time)
+            writer.add_scalar("losses/qf_loss", loss_q.item(), step + 1)
+            writer.add_scalar("losses/actor_loss", loss_pi.item(), step + 1)
+            writer.add_scalar("losses/lambda", lmbda.item(), step + 1)
+            writer.add_scalar("charts/SPS", sps, step + 1)
+            writer.add_scalar("charts/progress", (step + 1) / args.total_steps, step + 1)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
+            returns = evaluate(args, lambda: act, dataset["attrs"], seed=args.seed + step + 1)
+            evals.append((step + 1, float(returns.mean())))
+            writer.add_scalar("eval/episodic_return", returns.mean(), step + 1)
+            writer.add_scalar("eval/normalized_score", returns.mean() / 10, step + 1)
+            sps = (step + 1 - start_step) / (time.time() - start_time)
+            eta = (args.total_steps - step - 1) / sps
+            print(
+                f"step {step + 1}/{args.total_steps} | return {returns.mean():7.1f} ± {returns.std():5.1f} "
+                f"| score {returns.mean() / 10:5.1f} | {sps:4.0f} steps/s | ETA {eta / 60:5.1f} min",
+                flush=True,
+            )
+            state = {k: net.state_dict() for k, net in nets.items()}
+            state.update(step=step + 1, evals=evals, torch_rng=torch.get_rng_state())
+            save_atomic(state, run_dir / "checkpoint.pt")
+
+    write_summary(
+        run_dir, args, evals, dataset["labeled_episodes"], idm_val_mse=idm_metrics["val_mse"], idm_val_r2=idm_metrics["val_r2"]
+    )
+    if args.save_model:
+        stats = {"obs_mean": torch.as_tensor(mean), "obs_std": torch.as_tensor(std)}
+        save_atomic({k: net.state_dict() for k, net in nets.items()} | stats, run_dir / "model.pt")
+    writer.close()
+    print(f"final normalized score {evals[-1][1] / 10:.1f} (best {max(r for _, r in evals) / 10:.1f}); see {run_dir}")
