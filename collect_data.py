@@ -52,7 +52,7 @@ class Args:
     cuda: bool = True
     """use the GPU for SAC when there is one"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` and deterministic algorithms"""
+    """sets `torch.backends.cudnn.deterministic` (CPU runs are deterministic anyway)"""
 
     # Environment
     action_repeat: int = 2
@@ -360,14 +360,10 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device):
         done = episode + 1
         if done % args.eval_every == 0 or done == args.train_episodes:
             eval_policy = policy_fn(agent.actor, device, deterministic=True)
-            eval_return = float(
-                np.mean(
-                    [
-                        rollout(eval_env, eval_policy, args.episode_length, args.action_repeat)[2].sum()
-                        for _ in range(args.eval_episodes)
-                    ]
-                )
-            )
+            episodes_eval = [
+                rollout(eval_env, eval_policy, args.episode_length, args.action_repeat) for _ in range(args.eval_episodes)
+            ]
+            eval_return = float(np.mean([e[2].sum() for e in episodes_eval]))
             actor_state = {k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()}
             snapshots.append({"episode": done, "eval_return": eval_return, "actor": actor_state})
             sps = (done - episode0) * args.episode_length / (time.time() - t0)  # since the last evaluation
@@ -490,7 +486,7 @@ def return_stats(rewards: np.ndarray, ends: np.ndarray) -> dict:
     }  # fmt: skip
 
 
-def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], path: Path) -> dict:
+def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], path: Path, commit: str) -> dict:
     """Concatenates the per-seed parts into one HDF5 file, written to a temporary name and renamed."""
     data = [dict(np.load(p)) for p in parts]
     keys = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -510,7 +506,7 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
             format_version=FORMAT_VERSION,
             collector="collect_data.py (SAC on states)",
             collector_seeds=np.array(seeds),
-            git_commit=git_commit(),
+            git_commit=commit,
             snapshot_episodes=np.array([int(d["snapshot_episode"]) for d in data]),
             snapshot_eval_returns=np.array([float(d["snapshot_eval_return"]) for d in data]),
             **stats,
@@ -520,8 +516,10 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
 
 
 def git_commit() -> str:
+    """The commit of this file's checkout, with `-dirty` when tracked files have uncommitted changes."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -556,6 +554,7 @@ def check_args(args: Args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    commit = git_commit()  # recorded at the start: the code that runs, whatever changes later
     check_args(args)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -581,7 +580,7 @@ if __name__ == "__main__":
     )
     for kind in args.kinds:
         path = out / f"{kind}.hdf5"
-        s = write_dataset(args, kind, [work_root / f"seed_{seed}" / f"{kind}.npz" for seed in seeds], seeds, path)
+        s = write_dataset(args, kind, [work_root / f"seed_{seed}" / f"{kind}.npz" for seed in seeds], seeds, path, commit)
         print(
             f"{' ' * len(args.env)}  {kind:<14} {s['num_episodes']:>8} {s['return_mean']:7.1f} {s['return_std']:6.1f} "
             f"{s['return_min']:7.1f} {s['return_p25']:7.1f} {s['return_median']:7.1f} {s['return_p75']:7.1f} "

@@ -46,7 +46,7 @@ class Args:
     cuda: bool = True
     """use the GPU when there is one"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` and deterministic algorithms"""
+    """sets `torch.backends.cudnn.deterministic` (CPU runs are deterministic anyway)"""
     eval_every: int = 5_000
     """gradient steps between evaluations (each one also writes a checkpoint)"""
     eval_episodes: int = 10
@@ -228,14 +228,16 @@ def save_atomic(obj, path: Path):
 
 
 def git_commit() -> str:
+    """The commit of this file's checkout, with `-dirty` when tracked files have uncommitted changes."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
 
-def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, **extra):
+def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, commit: str, **extra):
     """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings."""
     returns = [r for _, r in evals]
     summary = {
@@ -245,7 +247,7 @@ def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, **ex
         "evaluations": [{"step": s, "return": r} for s, r in evals],
         "labeled_episodes": [int(e) for e in labeled_episodes],
         "args": asdict(args),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         **extra,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -406,6 +408,7 @@ def train_idm(x: np.ndarray, dataset: dict, args: Args, device: torch.device, wr
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    commit = git_commit()  # recorded at the start: the code that runs, whatever changes later
     for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "policy_freq", "idm_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -508,9 +511,8 @@ if __name__ == "__main__":
             state.update(step=step + 1, evals=evals, torch_rng=torch.get_rng_state())
             save_atomic(state, run_dir / "checkpoint.pt")
 
-    write_summary(
-        run_dir, args, evals, dataset["labeled_episodes"], idm_val_mse=idm_metrics["val_mse"], idm_val_r2=idm_metrics["val_r2"]
-    )
+    idm_summary = {"idm_val_mse": idm_metrics["val_mse"], "idm_val_r2": idm_metrics["val_r2"]}
+    write_summary(run_dir, args, evals, dataset["labeled_episodes"], commit, **idm_summary)
     if args.save_model:
         stats = {"obs_mean": torch.as_tensor(mean), "obs_std": torch.as_tensor(std)}
         save_atomic({k: net.state_dict() for k, net in nets.items()} | stats, run_dir / "model.pt")
