@@ -185,7 +185,7 @@ class TanhGaussianActor(nn.Module):
         return torch.tanh(x), log_prob
 
 
-def critic_loss(actor, critic, critic_target, log_alpha, batch, gamma: float) -> torch.Tensor:
+def sac_critic_loss(actor, critic, critic_target, log_alpha, batch, gamma: float) -> torch.Tensor:
     """Soft Bellman error of both critics against the clipped double-Q target."""
     obs, act, rew, next_obs, terminal = batch
     with torch.no_grad():
@@ -195,14 +195,14 @@ def critic_loss(actor, critic, critic_target, log_alpha, batch, gamma: float) ->
     return ((critic(obs, act) - target) ** 2).mean(1).sum()
 
 
-def actor_loss(actor, critic, log_alpha, obs):
+def sac_actor_loss(actor, critic, log_alpha, obs):
     """E[alpha log pi(a|s) - min Q(s, a)], a ~ pi; also returns log pi for the temperature loss."""
     act, log_prob = actor.sample(obs)
     loss = (log_alpha.exp().detach() * log_prob - critic(obs, act).min(0).values).mean()
     return loss, log_prob.detach()
 
 
-def alpha_loss(log_alpha, log_prob, target_entropy: float) -> torch.Tensor:
+def sac_alpha_loss(log_alpha, log_prob, target_entropy: float) -> torch.Tensor:
     """Raises the temperature when the policy's entropy -E[log pi] is below the target, lowers it above."""
     return -(log_alpha.exp() * (log_prob + target_entropy)).mean()
 
@@ -224,19 +224,19 @@ class SAC:
         self.target_entropy = -float(act_dim)
 
     def update(self, batch, args: Args) -> dict:
-        loss_q = critic_loss(self.actor, self.critic, self.critic_target, self.log_alpha, batch, args.gamma)
+        loss_q = sac_critic_loss(self.actor, self.critic, self.critic_target, self.log_alpha, batch, args.gamma)
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss_q.backward()
         self.critic_optimizer.step()
 
         self.critic.requires_grad_(False)  # the actor's gradient flows through Q(s, a) into a only
-        loss_pi, log_prob = actor_loss(self.actor, self.critic, self.log_alpha, batch[0])
+        loss_pi, log_prob = sac_actor_loss(self.actor, self.critic, self.log_alpha, batch[0])
         self.actor_optimizer.zero_grad(set_to_none=True)
         loss_pi.backward()
         self.actor_optimizer.step()
         self.critic.requires_grad_(True)
 
-        loss_alpha = alpha_loss(self.log_alpha, log_prob, self.target_entropy)
+        loss_alpha = sac_alpha_loss(self.log_alpha, log_prob, self.target_entropy)
         self.alpha_optimizer.zero_grad(set_to_none=True)
         loss_alpha.backward()
         self.alpha_optimizer.step()

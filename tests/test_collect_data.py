@@ -60,7 +60,7 @@ def test_critic_loss_by_hand():
     actor = ConstActor(torch.tensor([[0.25]]), torch.tensor([-1.0]))
     critic, target = LinearTwin(1.0, 2.0), LinearTwin(3.0, 0.5)
     log_alpha = torch.tensor(math.log(0.2))
-    loss = cd.critic_loss(actor, critic, target, log_alpha, (obs, act, rew, next_obs, terminal), gamma=0.9)
+    loss = cd.sac_critic_loss(actor, critic, target, log_alpha, (obs, act, rew, next_obs, terminal), gamma=0.9)
     # next sums: 1.25 and 2.25; min of (3x, 0.5x) = 0.5x -> 0.625, 1.125; minus alpha*logp = +0.2
     y = torch.tensor([1.0 + 0.9 * (0.625 + 0.2), 0.0])  # the second transition is terminal
     q1 = torch.tensor([1.5, 1.5])  # sums 1.5 and 1.5
@@ -73,14 +73,14 @@ def test_actor_and_alpha_loss_by_hand():
     obs = torch.tensor([[1.0, 1.0]])
     actor = ConstActor(torch.tensor([[0.5]]), torch.tensor([-2.0]))
     log_alpha = torch.tensor(math.log(0.5), requires_grad=True)
-    loss, log_prob = cd.actor_loss(actor, LinearTwin(1.0, -1.0), log_alpha, obs)
+    loss, log_prob = cd.sac_actor_loss(actor, LinearTwin(1.0, -1.0), log_alpha, obs)
     assert torch.allclose(loss, torch.tensor(0.5 * -2.0 - (-2.5)))  # min Q = -2.5
     # entropy 2 > target -1: the temperature must go down
-    cd.alpha_loss(log_alpha, log_prob, target_entropy=-1.0).backward()
+    cd.sac_alpha_loss(log_alpha, log_prob, target_entropy=-1.0).backward()
     assert log_alpha.grad > 0
     log_alpha.grad = None
     # entropy -3 < target -1: the temperature must go up
-    cd.alpha_loss(log_alpha, torch.tensor([3.0]), target_entropy=-1.0).backward()
+    cd.sac_alpha_loss(log_alpha, torch.tensor([3.0]), target_entropy=-1.0).backward()
     assert log_alpha.grad < 0
 
 

@@ -1,0 +1,116 @@
+"""c_lap.py: the KL terms, free nats and KL balancing, lambda-returns, the window sampler, the policy
+constraint, and a smoke run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+import c_lap
+
+
+def test_kl_gaussian_matches_torch_distributions():
+    torch.manual_seed(0)
+    m1, m2 = torch.randn(7, 5), torch.randn(7, 5)
+    s1, s2 = torch.rand(7, 5) + 0.1, torch.rand(7, 5) + 0.1
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m1, s1), torch.distributions.Normal(m2, s2)).sum(
+        -1
+    )
+    assert torch.allclose(c_lap.kl_gaussian(m1, s1, m2, s2), expected, atol=1e-5)
+    assert torch.allclose(c_lap.kl_gaussian(m1, s1, m1, s1), torch.zeros(7), atol=1e-6)
+
+
+def test_free_nats_clamp_the_mean_kl():
+    post = (torch.zeros(4, 3), torch.ones(4, 3))
+    prior = (torch.full((4, 3), 0.1), torch.ones(4, 3))  # KL = 3 * 0.005 = 0.015 per row
+    loss, kl = c_lap.kl_loss(post, prior, balance=0.8, free_nats=1.0)
+    assert kl.item() == pytest.approx(0.015, rel=1e-4)
+    assert loss.item() == pytest.approx(1.0)  # below the free nats: a constant, no gradient
+    loss, _ = c_lap.kl_loss(post, prior, balance=0.8, free_nats=0.0)
+    assert loss.item() == pytest.approx(0.015, rel=1e-4)
+
+
+def test_kl_balancing_splits_the_gradient():
+    post_mean = torch.zeros(2, 3, requires_grad=True)
+    prior_mean = torch.ones(2, 3, requires_grad=True)
+    std = torch.ones(2, 3)
+    loss, _ = c_lap.kl_loss((post_mean, std), (prior_mean, std), balance=0.8, free_nats=0.0)
+    loss.backward()
+    # KL = sum 0.5 (m_post - m_prior)^2 per row, mean over 2 rows: dKL/dm = +-(m_post - m_prior) / 2
+    assert torch.allclose(prior_mean.grad, torch.full((2, 3), 0.8 * 0.5))
+    assert torch.allclose(post_mean.grad, torch.full((2, 3), -0.2 * 0.5))
+
+
+def test_lambda_return_by_hand():
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])  # H = 3
+    values = torch.tensor([[10.0], [20.0], [30.0], [40.0]])
+    g, lam = 0.5, 0.5
+    r3 = 40.0
+    r2 = 3 + g * ((1 - lam) * 40 + lam * r3)  # 23
+    r1 = 2 + g * ((1 - lam) * 30 + lam * r2)  # 15.25
+    r0 = 1 + g * ((1 - lam) * 20 + lam * r1)  # 9.8125
+    out = c_lap.lambda_return(rewards, values, g, lam)
+    assert torch.allclose(out[:, 0], torch.tensor([r0, r1, r2]))
+    # lambda = 0: one-step TD targets; lambda = 1: discounted reward sum bootstrapped at the end
+    assert torch.allclose(c_lap.lambda_return(rewards, values, g, 0.0)[:, 0], torch.tensor([11.0, 17.0, 23.0]))
+    assert torch.allclose(
+        c_lap.lambda_return(rewards, values, g, 1.0)[:, 0], torch.tensor([1 + 1 + 0.75 + 5, 2 + 1.5 + 10, 3 + 20.0])
+    )
+
+
+def test_window_sampler_never_crosses_an_episode_end():
+    starts, ends = np.array([0, 10, 13, 40]), np.array([10, 13, 40, 45])
+    valid = c_lap.window_starts(starts, ends, [0, 1, 2, 3], seq_len=5)
+    assert set(valid) == set(range(0, 6)) | set(range(13, 36)) | {40}  # episode 1 (3 steps) is too short
+    torch.manual_seed(0)
+    idx = c_lap.sample_windows(valid, 2000, 5, torch.device("cpu")).numpy()
+    episode = np.searchsorted(ends, idx, side="right")  # the episode of every index
+    assert (episode == episode[:, :1]).all()
+    assert set(idx[:, 0]) == set(valid)  # every valid start is reachable
+    assert len(c_lap.window_starts(starts, ends, [1], seq_len=5)) == 0
+
+
+def test_policy_latent_action_stays_inside_the_prior_support():
+    torch.manual_seed(0)
+    args = c_lap.Args(deter_dim=16, stoch_dim=4, hidden_dim=16, latent_action_dim=3, epsilon=0.5)
+    wm = c_lap.WorldModel(5, 2, args)
+    actor = c_lap.LatentActor(20, 3, 16, 2)
+    with torch.no_grad():  # an extreme actor: its pre-tanh mean is huge
+        actor.net[-1].bias.fill_(50.0)
+    feat = torch.randn(256, 20) * 3
+    b, _ = actor(feat)
+    u = c_lap.constrained_latent_action(wm, feat, b, args.epsilon)
+    mean, std = wm.u_prior(feat)
+    assert ((u - mean).abs() <= args.epsilon * std + 1e-5).all()
+    feats, log_probs = c_lap.imagine(wm, actor, torch.zeros(8, 16), torch.zeros(8, 4), horizon=4, epsilon=args.epsilon)
+    assert feats.shape == (5, 8, 20) and log_probs.shape == (4, 8)
+
+
+def test_elbo_terms_and_shapes():
+    torch.manual_seed(0)
+    args = c_lap.Args(deter_dim=16, stoch_dim=4, hidden_dim=16, latent_action_dim=3)
+    wm = c_lap.WorldModel(5, 2, args)
+    obs, actions, rewards = torch.randn(3, 7, 5), torch.rand(3, 6, 2) * 2 - 1, torch.randn(3, 6)
+    loss, metrics, states = c_lap.elbo_loss(wm, obs, actions, rewards, args, free_nats=0.0)
+    assert states["feat"].shape == (3, 7, 20) and states["u"].shape == (3, 6, 3)
+    parts = metrics["obs_loss"] + metrics["reward_loss"] + metrics["action_loss"] + metrics["kl_z"] + metrics["kl_u"]
+    assert torch.allclose(loss, parts)  # with no free nats the balanced KL equals the KL in value
+    loss.backward()
+    assert all(p.grad is not None for p in wm.u_posterior.parameters())
+
+
+def test_smoke_run(fake_datasets, tmp_path):
+    flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "smoke",
+             "--labeled-fraction", "0.5", "--batch-size", "4", "--seq-len", "10", "--deter-dim", "32",
+             "--stoch-dim", "4", "--hidden-dim", "32", "--horizon", "3", "--log-every", "5", "--eval-every", "10",
+             "--eval-episodes", "1"]  # fmt: skip
+    run_script("c_lap.py", *flags, "--model-steps", "10", "--agent-steps", "10", "--save-model")
+    run_dir = tmp_path / "runs" / "smoke"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [e["step"] for e in summary["evaluations"]] == [10]
+    # the saved world model trains a new agent without training the model again
+    out = run_script("c_lap.py", *flags[:5], "smoke2", *flags[6:], "--model-steps", "10", "--agent-steps", "10",
+                     "--model-checkpoint", run_dir / "model.pt")  # fmt: skip
+    assert "loaded the world model" in out.stdout and "model step" not in out.stdout
