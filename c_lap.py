@@ -389,35 +389,31 @@ class WorldModel(nn.Module):
         return self.gru(self.transition_in(torch.cat([z, u], -1)), h)
 
     def observe(self, embed: torch.Tensor, actions: torch.Tensor):
-        """Filters a window: embed (B, L+1, E), actions (B, L, A). Only the recurrence runs in the loop; the
-        encoder ran on all steps before it and the decoders run on all states after it.
-        Returns features s_t (B, L+1, F), the z posteriors and priors ((B, L+1, Z) mean/std pairs),
-        the u posteriors and priors ((B, L, U) pairs) and the sampled u (B, L, U)."""
+        """Filters a window: embed (B, L+1, E), actions (B, L, A). Only what feeds the recurrence (h, and the
+        posterior samples of z and u) runs in the loop; the encoder ran on all steps before it, and the
+        priors, like the decoders, run on all states at once after it.
+        Returns features s_t = [h_t, z_t] (B, L+1, F), the z posteriors and priors ((B, L+1, Z) mean/std),
+        the u posteriors and priors ((B, L, U) mean/std) and the sampled u (B, L, U)."""
         B, L = actions.shape[:2]
         h = embed.new_zeros(B, self.deter_dim)
-        out = {
-            k: [] for k in ("feat", "zq_mean", "zq_std", "zp_mean", "zp_std", "uq_mean", "uq_std", "up_mean", "up_std", "u")
-        }
+        hs, zs, zq, us, uq = [], [], [], [], []
         for t in range(L + 1):
-            zp_mean, zp_std = self.z_prior(h)
             zq_mean, zq_std = self.z_posterior(torch.cat([h, embed[:, t]], -1))
             z = zq_mean + zq_std * torch.randn_like(zq_std)
-            feat = torch.cat([h, z], -1)
-            for k, v in zip(
-                ("feat", "zq_mean", "zq_std", "zp_mean", "zp_std"), (feat, zq_mean, zq_std, zp_mean, zp_std), strict=True
-            ):
-                out[k].append(v)
+            hs, zs, zq = hs + [h], zs + [z], zq + [(zq_mean, zq_std)]
             if t == L:
                 break
-            uq_mean, uq_std = self.u_posterior(torch.cat([feat, actions[:, t]], -1))
-            up_mean, up_std = self.u_prior(feat)
+            uq_mean, uq_std = self.u_posterior(torch.cat([h, z, actions[:, t]], -1))
             u = uq_mean + uq_std * torch.randn_like(uq_std)
-            for k, v in zip(
-                ("uq_mean", "uq_std", "up_mean", "up_std", "u"), (uq_mean, uq_std, up_mean, up_std, u), strict=True
-            ):
-                out[k].append(v)
+            us, uq = us + [u], uq + [(uq_mean, uq_std)]
             h = self.step(h, z, u)
-        return {k: torch.stack(v, 1) for k, v in out.items()}  # lists over time -> (B, T, D)
+        h, feat = torch.stack(hs, 1), torch.cat([torch.stack(hs, 1), torch.stack(zs, 1)], -1)  # lists over time -> (B, T, D)
+        out = {"feat": feat, "u": torch.stack(us, 1)}
+        out["zq_mean"], out["zq_std"] = (torch.stack(x, 1) for x in zip(*zq, strict=True))
+        out["uq_mean"], out["uq_std"] = (torch.stack(x, 1) for x in zip(*uq, strict=True))
+        out["zp_mean"], out["zp_std"] = self.z_prior(h)
+        out["up_mean"], out["up_std"] = self.u_prior(feat[:, :-1])
+        return out
 
 
 def elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_nats: float):
