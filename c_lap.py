@@ -501,20 +501,39 @@ def lambda_return(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam
 
 
 @torch.no_grad()
-def open_loop_error(wm: WorldModel, obs, actions, context: int, horizon: int) -> torch.Tensor:
+def open_loop_prediction(wm: WorldModel, obs, actions, context: int, horizon: int):
     """Filters the first `context` steps of each window, then predicts `horizon` steps open loop (prior z,
-    latent actions from the true actions) and returns the squared error of the decoded (normalised)
-    observations per predicted step, (horizon,)."""
+    latent actions inferred from the true actions). Returns the decoded (normalised) observations and the
+    true ones, both (B, horizon, D)."""
     s = wm.observe(wm.encoder(obs[:, : context + 1]), actions[:, :context])
     h, z = s["feat"][:, -1, : wm.deter_dim], s["feat"][:, -1, wm.deter_dim :]
-    errors = []
+    predictions = []
     for t in range(context, context + horizon):
-        feat = torch.cat([h, z], -1)
-        u = wm.u_posterior(torch.cat([feat, actions[:, t]], -1))[0]
+        u = wm.u_posterior(torch.cat([h, z, actions[:, t]], -1))[0]
         h = wm.step(h, z, u)
         z = wm.z_prior(h)[0]
-        errors.append(((wm.obs_decoder(torch.cat([h, z], -1)) - obs[:, t + 1]) ** 2).mean())
-    return torch.stack(errors)
+        predictions.append(wm.obs_decoder(torch.cat([h, z], -1)))
+    return torch.stack(predictions, 1), obs[:, context + 1 : context + 1 + horizon]  # (B, H, D) each
+
+
+def open_loop_figure(predicted: np.ndarray, true: np.ndarray, dims: int = 4):
+    """Predicted against true trajectories of the first `dims` observation dimensions of one window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = min(dims, true.shape[1])
+    fig, axes = plt.subplots(1, dims, figsize=(3 * dims, 2.5), squeeze=False)
+    axes = axes[0]
+    for d, ax in enumerate(axes):
+        ax.plot(true[:, d], label="true")
+        ax.plot(predicted[:, d], "--", label="open-loop prediction")
+        ax.set_title(f"observation dim {d} (normalised)", fontsize=8)
+        ax.set_xlabel("steps ahead")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":
@@ -619,7 +638,10 @@ if __name__ == "__main__":
             writer.add_scalar("world_model/loss", loss.item(), model_step)
             writer.add_scalar("world_model/grad_norm", grad_norm.item(), model_step)
             writer.add_scalar("charts/model_SPS", sps, model_step)
-            errors = open_loop_error(wm, *batch(args.batch_size)[:2], args.seq_len // 2, min(args.horizon, args.seq_len // 2))
+            predicted, true = open_loop_prediction(
+                wm, *batch(args.batch_size)[:2], args.seq_len // 2, min(args.horizon, args.seq_len // 2)
+            )
+            errors = ((predicted - true) ** 2).mean(dim=(0, 2))  # (B, H, D) -> (H,): error by steps ahead
             writer.add_scalar("world_model/open_loop_error_final", errors[-1].item(), model_step)
             writer.add_scalar("world_model/open_loop_error_mean", errors.mean().item(), model_step)
             eta = (args.model_steps - model_step) / sps
@@ -631,6 +653,9 @@ if __name__ == "__main__":
                 flush=True,
             )
         if model_step % args.eval_every == 0 or model_step == args.model_steps:
+            predicted, true = open_loop_prediction(wm, *batch(1)[:2], args.seq_len // 2, args.seq_len // 2)
+            figure = open_loop_figure(predicted[0].cpu().numpy(), true[0].cpu().numpy())
+            writer.add_figure("world_model/open_loop", figure, model_step)
             save_checkpoint()
     wm.requires_grad_(False)  # frozen: the actor's gradient flows through it, its weights stay
 

@@ -1,5 +1,6 @@
-"""Measures what docs/ reports as speed: environment steps/s, SAC updates/s (collect_data.py) and TD3+BC
-updates/s (td3_bc.py), on random data, with the networks and update code of the scripts themselves.
+"""Measures what docs/ reports as speed: environment steps/s, SAC updates/s (collect_data.py), TD3+BC
+updates/s (td3_bc.py) and C-LAP's world-model and actor-critic steps/s (c_lap.py), on random data, with the
+networks and losses of the scripts themselves.
 
     python benchmarks/speed.py --threads 2
 """
@@ -88,6 +89,46 @@ def td3_bc_updates(seconds: float) -> float:
     return rate(step, seconds)
 
 
+def c_lap_steps(seconds: float, deter: int = 200, stoch: int = 30, hidden: int = 200):
+    """World-model gradient steps/s at batch 50 x 50, and actor-critic steps/s from 2550 imagined starts
+    (horizon 15, 5 value nets), with the sizes of SPEC §7's naive figures."""
+    import c_lap
+
+    args = c_lap.Args(deter_dim=deter, stoch_dim=stoch, hidden_dim=hidden)
+    wm = c_lap.WorldModel(17, 6, args)
+    opt = torch.optim.Adam(wm.parameters(), lr=args.model_learning_rate)
+    obs, act, rew = torch.randn(50, 51, 17), torch.rand(50, 50, 6) * 2 - 1, torch.randn(50, 50)
+
+    def model_step():
+        loss, _, _ = c_lap.elbo_loss(wm, obs, act, rew, args, 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model = rate(model_step, seconds)
+    wm.requires_grad_(False)
+    feat_dim = deter + stoch
+    actor = c_lap.LatentActor(feat_dim, args.latent_action_dim, hidden, args.mlp_layers)
+    values = c_lap.ValueEnsemble(args.num_values, feat_dim, hidden)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate)
+    value_opt = torch.optim.Adam(values.parameters(), lr=args.value_learning_rate)
+
+    def agent_step():
+        with torch.no_grad():
+            feat = wm.observe(wm.encoder(obs), act)["feat"].reshape(-1, feat_dim)
+        feats, log_probs = c_lap.imagine(wm, actor, feat[:, :deter], feat[:, deter:], args.horizon, args.epsilon)
+        returns = c_lap.lambda_return(wm.reward_decoder(feats[1:]).squeeze(-1), values(feats).mean(0).detach(), 0.99, 0.95)
+        actor_opt.zero_grad(set_to_none=True)
+        (-returns.mean() + 1e-4 * log_probs.mean()).backward()
+        actor_opt.step()
+        value_loss = ((values(feats[:-1].detach()) - returns.detach()) ** 2).mean()
+        value_opt.zero_grad(set_to_none=True)
+        value_loss.backward()
+        value_opt.step()
+
+    return model, rate(agent_step, seconds)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
@@ -100,3 +141,6 @@ if __name__ == "__main__":
         print(f"{name}: {env_steps(name, a.seconds):7.0f} agent steps/s (random actions, action repeat 2)")
     print(f"SAC (collect_data.py, batch 256, 256x2):  {sac_updates(a.seconds):6.1f} updates/s")
     print(f"TD3+BC (td3_bc.py, batch 256, 256x2):     {td3_bc_updates(a.seconds):6.1f} updates/s")
+    model, agent = c_lap_steps(a.seconds)
+    print(f"C-LAP world model (batch 50x50, deter 200, stoch 30, hidden 200): {model:5.2f} steps/s")
+    print(f"C-LAP actor-critic (2550 starts, horizon 15, 5 values):          {agent:5.2f} steps/s")
