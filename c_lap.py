@@ -397,8 +397,9 @@ class WorldModel(nn.Module):
         B, L = actions.shape[:2]
         h = embed.new_zeros(B, self.deter_dim)
         hs, zs, zq, us, uq = [], [], [], [], []
+        embeds = embed.unbind(1)  # one backward for all steps; embed[:, t] would fill a zero tensor per step
         for t in range(L + 1):
-            zq_mean, zq_std = self.z_posterior(torch.cat([h, embed[:, t]], -1))
+            zq_mean, zq_std = self.z_posterior(torch.cat([h, embeds[t]], -1))
             z = zq_mean + zq_std * torch.randn_like(zq_std)
             hs, zs, zq = hs + [h], zs + [z], zq + [(zq_mean, zq_std)]
             if t == L:
