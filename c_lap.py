@@ -561,9 +561,8 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    free_nats = (
-        args.free_nats if args.free_nats is not None else (1.0 if args.dataset in ("medium-replay", "plan2explore") else 0.0)
-    )
+    free_nats = 1.0 if args.dataset in ("medium-replay", "plan2explore") else 0.0  # paper Table 2
+    free_nats = free_nats if args.free_nats is None else args.free_nats
 
     # C-LAP sees the labeled trajectories only: windows start inside them
     episodes = dataset["labeled_episodes"]
@@ -573,9 +572,8 @@ if __name__ == "__main__":
     print(f"{run_dir.name}: {len(episodes)} labeled trajectories, {len(starts)} windows of {args.seq_len} steps")
     mean, std = compute_mean_std(dataset["observations"][dataset["labeled"]])
     to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-    obs_t, next_obs_t = to_tensor((dataset["observations"] - mean) / std), to_tensor(
-        (dataset["next_observations"] - mean) / std
-    )
+    normalized = lambda m, s: (to_tensor((dataset[k] - m) / s) for k in ("observations", "next_observations"))  # noqa: E731
+    obs_t, next_obs_t = normalized(mean, std)
     actions_t, rewards_t = to_tensor(dataset["actions"]), to_tensor(dataset["rewards"])
 
     def batch(batch_size: int):
@@ -603,9 +601,7 @@ if __name__ == "__main__":
         state = torch.load(args.model_checkpoint, weights_only=True, map_location=device)
         wm.load_state_dict(state["world_model"])
         mean, std = state["obs_mean"].numpy(), state["obs_std"].numpy()
-        obs_t, next_obs_t = to_tensor((dataset["observations"] - mean) / std), to_tensor(
-            (dataset["next_observations"] - mean) / std
-        )
+        obs_t, next_obs_t = normalized(mean, std)
         model_step = args.model_steps
         print(f"loaded the world model of {args.model_checkpoint}")
     if args.resume:
