@@ -114,3 +114,15 @@ def test_smoke_run(fake_datasets, tmp_path):
     out = run_script("c_lap.py", *flags[:5], "smoke2", *flags[6:], "--model-steps", "10", "--agent-steps", "10",
                      "--model-checkpoint", run_dir / "model.pt")  # fmt: skip
     assert "loaded the world model" in out.stdout and "model step" not in out.stdout
+
+
+def test_resume_continues_both_phases(fake_datasets, tmp_path):
+    flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "r", "--labeled-fraction", "0.5",
+             "--batch-size", "4", "--seq-len", "10", "--deter-dim", "32", "--stoch-dim", "4", "--hidden-dim", "32",
+             "--horizon", "3", "--log-every", "5", "--eval-every", "5", "--eval-episodes", "1"]  # fmt: skip
+    run_script("c_lap.py", *flags, "--model-steps", "5", "--agent-steps", "5")
+    out = run_script("c_lap.py", *flags, "--model-steps", "10", "--agent-steps", "10", "--resume")
+    assert "resumed" in out.stdout and "at model step 5, agent step 5" in out.stdout
+    assert "model step 10/10" in out.stdout  # the world model trains on, then the agent
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert [e["step"] for e in summary["evaluations"]] == [5, 10]
