@@ -401,14 +401,18 @@ class WorldModel(nn.Module):
         for t in range(L + 1):
             zq_mean, zq_std = self.z_posterior(torch.cat([h, embeds[t]], -1))
             z = zq_mean + zq_std * torch.randn_like(zq_std)
-            hs, zs, zq = hs + [h], zs + [z], zq + [(zq_mean, zq_std)]
+            hs.append(h)
+            zs.append(z)
+            zq.append((zq_mean, zq_std))
             if t == L:
                 break
             uq_mean, uq_std = self.u_posterior(torch.cat([h, z, actions[:, t]], -1))
             u = uq_mean + uq_std * torch.randn_like(uq_std)
-            us, uq = us + [u], uq + [(uq_mean, uq_std)]
+            us.append(u)
+            uq.append((uq_mean, uq_std))
             h = self.step(h, z, u)
-        h, feat = torch.stack(hs, 1), torch.cat([torch.stack(hs, 1), torch.stack(zs, 1)], -1)  # lists over time -> (B, T, D)
+        h = torch.stack(hs, 1)  # lists over time -> (B, T, D)
+        feat = torch.cat([h, torch.stack(zs, 1)], -1)
         out = {"feat": feat, "u": torch.stack(us, 1)}
         out["zq_mean"], out["zq_std"] = (torch.stack(x, 1) for x in zip(*zq, strict=True))
         out["uq_mean"], out["uq_std"] = (torch.stack(x, 1) for x in zip(*uq, strict=True))

@@ -351,15 +351,14 @@ def r2_score(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(1 - ((pred - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0).clip(1e-8)))
 
 
-def train_idm(x: np.ndarray, dataset: dict, args: Args, device: torch.device, writer: SummaryWriter):
-    """Trains the IDM on the labeled trajectories, a held-out part of them for validation and early
-    stopping; returns the best IDM and its validation metrics."""
+def train_idm(x: np.ndarray, episode_of: np.ndarray, dataset: dict, args: Args, device: torch.device, writer: SummaryWriter):
+    """Trains the IDM on the labeled trajectories (`episode_of`: the trajectory of every transition), a
+    held-out part of them for validation and early stopping; returns the best IDM and its validation metrics."""
     labeled = dataset["labeled_episodes"]
     if len(labeled) < 2:
         raise SystemExit("error: the IDM needs at least 2 labeled trajectories (one to validate); raise --labeled-fraction")
     rng = np.random.default_rng(args.seed)
     val_episodes = rng.choice(labeled, max(1, round(args.idm_val_fraction * len(labeled))), replace=False)
-    episode_of = np.repeat(np.arange(len(dataset["episode_starts"])), dataset["episode_ends"] - dataset["episode_starts"])
     val = np.isin(episode_of, val_episodes)
     tr = dataset["labeled"] & ~val
     x_tr, a_tr = (torch.as_tensor(v, device=device) for v in (x[tr], dataset["actions"][tr]))
@@ -428,9 +427,10 @@ if __name__ == "__main__":
     train = {k: dataset[k] for k in DATASET_KEYS}
     print(f"{run_dir.name}: {len(dataset['labeled_episodes'])} labeled trajectories, {len(train['rewards'])} transitions")
     mean, std = compute_mean_std(train["observations"])
-    starts = np.repeat(dataset["episode_starts"], dataset["episode_ends"] - dataset["episode_starts"])
+    episode_of = np.repeat(np.arange(len(dataset["episode_starts"])), dataset["episode_ends"] - dataset["episode_starts"])
+    starts = dataset["episode_starts"][episode_of]
     x = idm_inputs((train["observations"] - mean) / std, (train["next_observations"] - mean) / std, starts, args.idm_window)
-    idm, idm_metrics = train_idm(x, dataset, args, device, writer)
+    idm, idm_metrics = train_idm(x, episode_of, dataset, args, device, writer)
     with torch.no_grad():
         inferred = idm(torch.as_tensor(x[~dataset["labeled"]], device=device)).cpu().numpy()
     train["actions"] = train["actions"].copy()
