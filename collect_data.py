@@ -157,6 +157,13 @@ class TwinCritic(nn.Module):
         x = torch.cat([obs, act], -1).unsqueeze(0).expand(2, -1, -1)  # (B, D) -> (2, B, D)
         return self.net(x).squeeze(-1)  # (2, B)
 
+    def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Q1 alone, for the actor (TD3 trains it on Q1 only): member 0 of every layer, half the arithmetic."""
+        x = torch.cat([obs, act], -1)
+        for layer in self.net:
+            x = torch.addmm(layer.bias[0], x, layer.weight[0]) if isinstance(layer, VectorizedLinear) else layer(x)
+        return x.squeeze(-1)  # (B, 1) -> (B,)
+
 
 class TanhGaussianActor(nn.Module):
     """Tanh-squashed Gaussian policy."""

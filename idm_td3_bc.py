@@ -290,6 +290,13 @@ class TwinCritic(nn.Module):
         x = torch.cat([obs, act], -1).unsqueeze(0).expand(2, -1, -1)  # (B, D) -> (2, B, D)
         return self.net(x).squeeze(-1)  # (2, B)
 
+    def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Q1 alone, for the actor (TD3 trains it on Q1 only): member 0 of every layer, half the arithmetic."""
+        x = torch.cat([obs, act], -1)
+        for layer in self.net:
+            x = torch.addmm(layer.bias[0], x, layer.weight[0]) if isinstance(layer, VectorizedLinear) else layer(x)
+        return x.squeeze(-1)  # (B, 1) -> (B,)
+
 
 class Actor(nn.Module):
     """Deterministic policy pi(s) in [-1, 1]."""
@@ -318,7 +325,7 @@ def actor_loss(actor, critic, batch, alpha: float):
     """-lambda Q1(s, pi(s)) + (pi(s) - a)^2, with lambda = alpha / mean|Q1| (not differentiated)."""
     obs, act = batch[0], batch[1]
     pi = actor(obs)
-    q = critic(obs, pi)[0]
+    q = critic.q1(obs, pi)
     lmbda = alpha / q.abs().mean().detach()
     return -lmbda * q.mean() + F.mse_loss(pi, act), lmbda
 

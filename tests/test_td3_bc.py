@@ -21,6 +21,9 @@ class LinearTwin(torch.nn.Module):
     def forward(self, obs, act):
         return self.w * (obs.sum(-1) + act.sum(-1))
 
+    def q1(self, obs, act):
+        return self.forward(obs, act)[0]
+
 
 def test_critic_loss_by_hand():
     args = td3_bc.Args(policy_noise=0.0, gamma=0.5)
@@ -64,6 +67,14 @@ def test_actor_loss_by_hand():
     expected_lambda = 2.5 / q1.abs().mean()
     expected = -expected_lambda * q1.mean() + ((torch.tensor([0.5, 1.5]) - act[:, 0]) ** 2).mean()
     assert torch.allclose(lmbda, expected_lambda) and torch.allclose(loss, expected)
+
+
+def test_q1_is_the_first_twin():
+    torch.manual_seed(0)
+    critic = td3_bc.TwinCritic(5, 2, 16)
+    obs, act = torch.randn(9, 5), torch.rand(9, 2)
+    assert torch.allclose(critic.q1(obs, act), critic(obs, act)[0], atol=1e-6)
+    assert not torch.allclose(critic.q1(obs, act), critic(obs, act)[1])
 
 
 def test_actor_loss_does_not_differentiate_lambda():

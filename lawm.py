@@ -1,0 +1,830 @@
+# LAWM (Alles et al. 2025, "Latent Action World Models for Control with Unlabeled Trajectories"): a world
+# model that learns from trajectories with actions (D_ac) and without them (D_af) through one latent action
+# space, and the constrained latent-action actor-critic of C-LAP trained in its imagination. It is c_lap.py
+# with two changes, so `diff c_lap.py lawm.py` shows the paper's contribution: the latent action prior is
+# N(0, I), and an inverse dynamics model q(u_t | s_t, e_{t+1}) infers the latent action of an action-free
+# window. Docs: docs/lawm.md.
+# Names follow the paper: h (deterministic state), z (stochastic state), s = (h, z), u (latent action),
+# e (observation embedding), prior / posterior, idm (the action-free latent action posterior).
+import os
+
+os.environ.setdefault("MUJOCO_GL", "disable")  # states only: no OpenGL context is ever needed
+
+import json
+import math
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    env: str = "cheetah-run"
+    """dm_control suite task as `domain-task`; its datasets are read from `{datasets_dir}/{env}/`"""
+    dataset: str = "medium-replay"
+    """dataset kind: expert, medium, medium-replay, random or plan2explore"""
+    datasets_dir: str = "datasets"
+    """folder that collect_data.py wrote the datasets to"""
+    labeled_fraction: float = 0.05
+    """fraction of the trajectories that keep their actions, in (0, 1]; 1.0 is the paper's Oracle"""
+    split_seed: int = 0
+    """seed of the permutation that picks the labeled trajectories (same seed, same split in every script)"""
+    seed: int = 1
+    """seed of the run: python, numpy, torch and the evaluation environments"""
+    runs_dir: str = "runs"
+    """folder of the run folders"""
+    run_name: Optional[str] = None
+    """name of the run folder; default `{env}__{dataset}__{exp_name}__{seed}__{unix time}`"""
+    cuda: bool = True
+    """use the GPU when there is one"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` (CPU runs are deterministic anyway)"""
+    eval_every: int = 5_000
+    """gradient steps between evaluations (each one also writes a checkpoint)"""
+    eval_episodes: int = 10
+    """episodes per evaluation in the real environment"""
+    save_model: bool = False
+    """write the final networks and optimizers to `{run folder}/model.pt`"""
+    resume: bool = False
+    """continue the run `--run-name` from its last checkpoint"""
+
+    # Algorithm specific arguments (defaults: the GPU configuration; docs/lawm.md gives the CPU recipe)
+    model_steps: int = 100_000
+    """gradient steps of the world model"""
+    agent_steps: int = 100_000
+    """gradient steps of the actor-critic in imagination, on the frozen world model"""
+    model_checkpoint: Optional[str] = None
+    """`model.pt` of an earlier run: load its world model and train the agent only"""
+    batch_size: int = 50
+    """windows per world-model batch (also the imagination starts: batch_size x seq_len states)"""
+    labeled_ratio: float = 0.25
+    """share of each batch's windows drawn from trajectories with actions (the rest from action-free ones);
+    sampling by trajectory count would give 5% at --labeled-fraction 0.05 and starve the action decoder"""
+    seq_len: int = 50
+    """transitions per window (L); a window never crosses an episode end"""
+    deter_dim: int = 512
+    """size of the deterministic state h_t (GRU with LayerNorm)"""
+    stoch_dim: int = 30
+    """size of the stochastic state z_t (diagonal Gaussian)"""
+    hidden_dim: int = 512
+    """width of every hidden layer of the model and the agent"""
+    mlp_layers: int = 2
+    """hidden layers of the encoder, the decoders and the latent action networks"""
+    latent_action_dim: int = 8
+    """size of the latent action u_t"""
+    min_std: float = 0.1
+    """lower bound of the standard deviations of z_t and u_t"""
+    free_nats: Optional[float] = None
+    """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
+    kl_balance: float = 0.8
+    """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
+    align_coef: float = 1.0
+    """weight of the alignment term KL(sg q(u|s,a) || q_idm(u|s,e')) on windows with actions (0 turns it off)"""
+    recovery_fraction: float = 0.1
+    """share of the labeled trajectories (at least one, when two or more) whose actions are hidden from training
+    and used only to measure the actions the IDM recovers (R2, MSE); they are trained on as action-free data"""
+    model_learning_rate: float = 3e-4
+    """Adam learning rate of the world model"""
+    grad_clip: float = 100.0
+    """gradient norm clip of every optimizer"""
+    horizon: int = 15
+    """imagination horizon H"""
+    gamma: float = 0.99
+    """discount factor"""
+    return_lambda: float = 0.95
+    """lambda of the lambda-returns"""
+    num_values: int = 5
+    """value networks in the ensemble (the target is their mean)"""
+    actor_learning_rate: float = 8e-5
+    """Adam learning rate of the actor"""
+    value_learning_rate: float = 8e-5
+    """Adam learning rate of the value ensemble"""
+    entropy_coef: float = 1e-4
+    """weight of the policy's entropy bonus (the logprob regulariser)"""
+    epsilon: float = 1.0
+    """the constraint: the policy acts with u = mu_p(s) + epsilon * sigma_p(s) * b, b in (-1, 1)"""
+    target_update_every: int = 100
+    """agent steps between copies of the value ensemble into its slow target"""
+    log_every: int = 250
+    """gradient steps between loss logs"""
+
+
+def make_env(name: str, seed: int):
+    """Loads a dm_control suite task from its `domain-task` name, without time limit (episodes are cut by us)."""
+    from absl import logging as absl_logging
+    from dm_control import suite
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # mujoco's deprecation notes on every load
+    domain, _, task = name.partition("-")
+    if (domain, task) not in suite.ALL_TASKS:
+        valid = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
+        raise SystemExit(f"error: unknown env {name!r}; valid names: {valid}")
+    return suite.load(domain, task, task_kwargs={"random": seed, "time_limit": float("inf")})
+
+
+def flat_obs(observation) -> np.ndarray:
+    """The proprioceptive observation dict flattened, keys in the order dm_control returns them."""
+    return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+def rollout(env, policy, episode_length: int, action_repeat: int):
+    """Runs one episode of `episode_length` agent steps; `policy(obs) -> action in [-1, 1]`.
+    Returns (observations (T+1, obs_dim), actions (T, act_dim), rewards (T,), terminal)."""
+    obs = [flat_obs(env.reset().observation)]
+    actions, rewards, terminal = [], [], False
+    for _ in range(episode_length):
+        action = np.asarray(policy(obs[-1]), dtype=np.float32)
+        reward = 0.0
+        for _ in range(action_repeat):
+            ts = env.step(action)
+            reward += ts.reward or 0.0
+            if ts.last():  # the time limit is off, so this is a true termination
+                terminal = True
+                break
+        obs.append(flat_obs(ts.observation))
+        actions.append(action)
+        rewards.append(reward)
+        if terminal:
+            break
+    return np.stack(obs), np.stack(actions), np.asarray(rewards, dtype=np.float32), terminal
+
+
+DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+def load_dataset(args: Args) -> dict:
+    """Reads `{datasets_dir}/{env}/{dataset}.hdf5` and splits it by trajectory into labeled (D_ac) and
+    action-free (D_af) parts. The actions of D_af are replaced by NaN, so that any use of them shows up.
+    Returns the flat arrays plus `episode_starts`, `episode_ends` (exclusive), `labeled` (per transition),
+    `labeled_episodes` (0-based, file order), and the file's attributes."""
+    path = Path(args.datasets_dir) / args.env / f"{args.dataset}.hdf5"
+    if not 0 < args.labeled_fraction <= 1:
+        raise SystemExit(f"error: --labeled-fraction must be in (0, 1], got {args.labeled_fraction}")
+    if not path.exists():
+        raise SystemExit(
+            f"error: {path} not found; make it with: python collect_data.py --env {args.env} "
+            f"--kinds {args.dataset} --datasets-dir {args.datasets_dir}"
+        )
+    with h5py.File(path, "r") as f:
+        missing = [k for k in DATASET_KEYS if k not in f]
+        if missing:
+            raise SystemExit(f"error: {path} lacks the keys {', '.join(missing)}")
+        data = {k: f[k][:] for k in DATASET_KEYS}
+        attrs = dict(f.attrs)
+    n = len(data["rewards"])
+    expected = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1, "timeouts": 1}
+    for k, ndim in expected.items():
+        if data[k].ndim != ndim or len(data[k]) != n:
+            raise SystemExit(f"error: {path}: {k} has shape {data[k].shape}, expected {ndim} dims and {n} rows")
+    if data["next_observations"].shape != data["observations"].shape:
+        raise SystemExit(f"error: {path}: next_observations {data['next_observations'].shape} != observations")
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        if not np.isfinite(data[k]).all():
+            raise SystemExit(f"error: {path}: {k} holds NaN or inf values")
+        data[k] = data[k].astype(np.float32)
+    ends = data["terminals"].astype(bool) | data["timeouts"].astype(bool)
+    if n == 0 or not ends[-1]:
+        raise SystemExit(f"error: {path}: the last transition does not end an episode (terminals | timeouts)")
+    episode_ends = np.flatnonzero(ends) + 1
+    episode_starts = np.r_[0, episode_ends[:-1]]
+    # the split: a permutation of the trajectories seeded by split_seed; the first k keep their actions
+    num_episodes = len(episode_starts)
+    k = max(1, round(args.labeled_fraction * num_episodes))
+    labeled_episodes = np.sort(np.random.default_rng(args.split_seed).permutation(num_episodes)[:k])
+    labeled = np.zeros(n, dtype=bool)
+    for e in labeled_episodes:
+        labeled[episode_starts[e] : episode_ends[e]] = True
+    data["actions"][~labeled] = np.nan
+    data["terminals"] = data["terminals"].astype(np.float32)
+    data.update(episode_starts=episode_starts, episode_ends=episode_ends, labeled=labeled, attrs=attrs)
+    data["labeled_episodes"] = labeled_episodes
+    return data
+
+
+def evaluate(args: Args, make_policy, attrs: dict, seed: int) -> np.ndarray:
+    """Returns of `args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh
+    `obs -> action` for each episode (so a policy with memory starts clean)."""
+    env = make_env(args.env, seed)
+    return np.array(
+        [rollout(env, make_policy(), int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum()
+         for _ in range(args.eval_episodes)]
+    )  # fmt: skip
+
+
+def make_run_dir(args: Args) -> Path:
+    """`runs/{run_name}`: a new folder, or the existing one with `--resume`."""
+    if args.resume and args.run_name is None:
+        raise SystemExit("error: --resume needs --run-name, the folder of the run to continue")
+    run_name = args.run_name or f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / run_name
+    if args.resume and not (run_dir / "checkpoint.pt").exists():
+        raise SystemExit(f"error: {run_dir / 'checkpoint.pt'} not found: nothing to resume")
+    if not args.resume and (run_dir / "checkpoint.pt").exists():
+        raise SystemExit(f"error: {run_dir} holds a run already; pass --resume to continue it or pick another --run-name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def save_atomic(obj, path: Path):
+    """torch.save to a temporary file, then rename: an interruption leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    """The commit of this file's checkout, with `-dirty` when tracked files have uncommitted changes."""
+    try:
+        cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, commit: str, **extra):
+    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings."""
+    returns = [r for _, r in evals]
+    summary = {
+        "final_return": returns[-1],
+        "final_normalized_score": returns[-1] / 10,
+        "best_normalized_score": max(returns) / 10,
+        "evaluations": [{"step": s, "return": r} for s, r in evals],
+        "labeled_episodes": [int(e) for e in labeled_episodes],
+        "args": asdict(args),
+        "git_commit": commit,
+        **extra,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def compute_mean_std(observations: np.ndarray, eps: float = 1e-3):
+    """State normalisation of TD3+BC: the dataset's per-dimension mean and std (+eps)."""
+    return observations.mean(0), observations.std(0) + eps
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialisation, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def sample_windows(valid_starts: np.ndarray, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Indices (B, L) of `batch_size` windows of `seq_len` consecutive transitions; `valid_starts` holds
+    every index at which a window fits inside one episode, so no window crosses an episode end."""
+    pick = torch.randint(0, len(valid_starts), (batch_size,))
+    start = torch.as_tensor(valid_starts, device=device)[pick.to(device)]
+    return start[:, None] + torch.arange(seq_len, device=device)[None, :]  # (B,) -> (B, L)
+
+
+def window_starts(episode_starts: np.ndarray, episode_ends: np.ndarray, episodes, seq_len: int) -> np.ndarray:
+    """Every start index of a window of seq_len transitions that stays inside one of `episodes`."""
+    ranges = [np.arange(episode_starts[e], episode_ends[e] - seq_len + 1) for e in episodes]
+    return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
+
+def consecutive_windows(episode_starts: np.ndarray, episode_ends: np.ndarray, episodes, seq_len: int) -> np.ndarray:
+    """Indices (R, L) of the consecutive windows of seq_len transitions that cover `episodes` (but for a rest
+    shorter than seq_len at each episode's end)."""
+    ranges = [np.arange(episode_starts[e], episode_ends[e] - seq_len + 1, seq_len) for e in episodes]
+    starts = np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+    return starts[:, None] + np.arange(seq_len)[None, :]  # (R,) -> (R, L)
+
+
+def recovery_split(labeled_episodes: np.ndarray, recovery_fraction: float, split_seed: int):
+    """Picks the recovery set: `recovery_fraction` of the labeled trajectories (at least one, and never all),
+    seeded by the split seed, whose actions are hidden from training and serve only to measure the actions the
+    IDM recovers. Returns (trajectories trained on with actions, recovery trajectories), both sorted."""
+    k = len(labeled_episodes)
+    num_recovery = min(max(1, round(recovery_fraction * k)), k - 1) if recovery_fraction > 0 else 0
+    recovery = np.sort(np.random.default_rng(split_seed).permutation(labeled_episodes)[:num_recovery])
+    return np.setdiff1d(labeled_episodes, recovery), recovery
+
+
+def windows_with_actions(batch_size: int, labeled_ratio: float, has_action_free: bool) -> int:
+    """How many of a batch's windows come from trajectories with actions: labeled_ratio of them, but at least
+    one of each kind while both kinds exist (all of them when there is no action-free data)."""
+    if not has_action_free or labeled_ratio >= 1:
+        return batch_size
+    return min(max(1, round(labeled_ratio * batch_size)), batch_size - 1)
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    """`layers` x (Linear, LayerNorm, Swish), then a Linear output."""
+    blocks = []
+    for i in range(layers):
+        blocks += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+    return nn.Sequential(*blocks, nn.Linear(hidden, out_dim))
+
+
+class Gaussian(nn.Module):
+    """A diagonal Gaussian whose mean and std (softplus, at least min_std) an MLP reads off its input."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, layers: int, min_std: float):
+        super().__init__()
+        self.net, self.min_std = mlp(in_dim, 2 * out_dim, hidden, layers), min_std
+
+    def forward(self, x: torch.Tensor):
+        mean, std = self.net(x).chunk(2, -1)
+        return mean, F.softplus(std) + self.min_std
+
+
+def kl_gaussian(mean1, std1, mean2, std2) -> torch.Tensor:
+    """KL(N(mean1, std1) || N(mean2, std2)) of diagonal Gaussians, summed over the last dimension."""
+    var_ratio = (std1 / std2) ** 2
+    return 0.5 * (var_ratio + ((mean1 - mean2) / std2) ** 2 - 1 - torch.log(var_ratio)).sum(-1)
+
+
+def kl_loss(post, prior, balance: float, free_nats: float):
+    """KL balancing (DreamerV2): `balance` of the gradient moves the prior towards the posterior, the rest
+    the posterior towards the prior; each side's mean KL is clamped below at `free_nats`.
+    `post` and `prior` are (mean, std) pairs; returns (loss, mean KL)."""
+    sg = lambda d: tuple(x.detach() for x in d)  # noqa: E731
+    kl_prior = kl_gaussian(*sg(post), *prior).mean()  # trains the prior
+    kl_post = kl_gaussian(*post, *sg(prior)).mean()  # trains the posterior
+    loss = balance * kl_prior.clamp(min=free_nats) + (1 - balance) * kl_post.clamp(min=free_nats)
+    return loss, kl_prior.detach()
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """-log N(x | mean, 1), summed over the last dimension."""
+    return (0.5 * (x - mean) ** 2 + 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class LayerNormGRUCell(nn.Module):
+    """GRU cell with LayerNorm on the gates (as in DreamerV2): h' = g * tanh(r * c) + (1 - g) * h."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim + hidden, 3 * hidden, bias=False)
+        self.norm = nn.LayerNorm(3 * hidden)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update - 1)  # starts by mostly keeping h
+        return update * cand + (1 - update) * h
+
+
+class WorldModel(nn.Module):
+    """The latent action state-space model. Model state s_t = (h_t, z_t), latent action u_t.
+
+    Time alignment, for a window of L transitions (L + 1 observations):
+
+        o_1 ─enc─> e_1          o_2 ─enc─> e_2                    o_{L+1} ─enc─> e_{L+1}
+        h_1 = 0                 h_2 = GRU(h_1, [z_1, u_1])        h_{L+1} = GRU(h_L, [z_L, u_L])
+        z_1 ~ q(z | h_1, e_1)   z_2 ~ q(z | h_2, e_2)             z_{L+1} ~ q(z | h_{L+1}, e_{L+1})
+        u_1 ~ q(u | s_1, a_1)   u_2 ~ q(u | s_2, a_2)   ...       (a window with actions)
+        u_1 ~ q_idm(u | s_1, e_2)                       ...       (an action-free window: the IDM sees e_{t+1})
+        o_t is decoded from s_t; a_t from (s_t, u_t); r_t (the reward after a_t) from s_{t+1}.
+    Priors: p(z_t | h_t) and p(u_t) = N(0, I), the same for both kinds of window, so their latent actions
+    share one space."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        H, L, d_u = args.hidden_dim, args.mlp_layers, args.latent_action_dim
+        feat = args.deter_dim + args.stoch_dim
+        self.deter_dim, self.stoch_dim, self.latent_action_dim = args.deter_dim, args.stoch_dim, d_u
+        self.encoder = mlp(obs_dim, H, H, L)
+        self.transition_in = nn.Sequential(nn.Linear(args.stoch_dim + d_u, H), nn.LayerNorm(H), nn.SiLU())
+        self.gru = LayerNormGRUCell(H, args.deter_dim)
+        self.z_prior = Gaussian(args.deter_dim, args.stoch_dim, H, 1, args.min_std)
+        self.z_posterior = Gaussian(args.deter_dim + H, args.stoch_dim, H, 1, args.min_std)
+        self.u_posterior = Gaussian(feat + act_dim, d_u, H, L, args.min_std)
+        self.idm = Gaussian(feat + H, d_u, H, L, args.min_std)
+        self.action_decoder = mlp(feat + d_u, act_dim, H, L)
+        self.obs_decoder = mlp(feat, obs_dim, H, L)
+        self.reward_decoder = mlp(feat, 1, H, L)
+
+    def u_prior(self, feat: torch.Tensor):
+        """p(u_t) = N(0, I): no parameters, the same for every state; (mean, std) of shape (..., U)."""
+        mean = feat.new_zeros(*feat.shape[:-1], self.latent_action_dim)
+        return mean, torch.ones_like(mean)
+
+    def step(self, h: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """h_{t+1} = GRU(h_t, MLP([z_t, u_t]))."""
+        return self.gru(self.transition_in(torch.cat([z, u], -1)), h)
+
+    def observe(self, embed: torch.Tensor, actions: torch.Tensor):
+        """Filters a batch of windows whose first B_ac have actions and whose other B - B_ac are action-free:
+        embed (B, L+1, E), actions (B_ac, L, A), of the first B_ac windows only, so the action-free path has no
+        action to read. Their latent actions come from q(u_t | s_t, a_t) and from the IDM q_idm(u_t | s_t, e_{t+1}).
+        Only what feeds the recurrence (h, and the posterior samples of z and u) runs in the loop; the encoder
+        ran on all steps before it, and the priors, like the decoders, run on all states at once after it.
+        Returns features s_t = [h_t, z_t] (B, L+1, F), the z posteriors and priors ((B, L+1, Z) mean/std), the
+        u posteriors in use and the priors ((B, L, U) mean/std), the sampled u (B, L, U), and the IDM on the
+        windows with actions ((B_ac, L, U) mean/std, for the alignment term)."""
+        B, L, n_ac = embed.shape[0], embed.shape[1] - 1, actions.shape[0]
+        h = embed.new_zeros(B, self.deter_dim)
+        hs, zs, zq, us, uq = [], [], [], [], []
+        embeds = embed.unbind(1)  # one backward for all steps; embed[:, t] would fill a zero tensor per step
+        for t in range(L + 1):
+            zq_mean, zq_std = self.z_posterior(torch.cat([h, embeds[t]], -1))
+            z = zq_mean + zq_std * torch.randn_like(zq_std)
+            hs.append(h)
+            zs.append(z)
+            zq.append((zq_mean, zq_std))
+            if t == L:
+                break
+            s = torch.cat([h, z], -1)
+            ac_mean, ac_std = self.u_posterior(torch.cat([s[:n_ac], actions[:, t]], -1))  # (B_ac, U)
+            af_mean, af_std = self.idm(torch.cat([s[n_ac:], embeds[t + 1][n_ac:]], -1))  # (B - B_ac, U)
+            uq_mean, uq_std = torch.cat([ac_mean, af_mean]), torch.cat([ac_std, af_std])  # (B, U)
+            u = uq_mean + uq_std * torch.randn_like(uq_std)
+            us.append(u)
+            uq.append((uq_mean, uq_std))
+            h = self.step(h, z, u)
+        h = torch.stack(hs, 1)  # lists over time -> (B, T, D)
+        feat = torch.cat([h, torch.stack(zs, 1)], -1)
+        out = {"feat": feat, "u": torch.stack(us, 1)}
+        out["zq_mean"], out["zq_std"] = (torch.stack(x, 1) for x in zip(*zq, strict=True))
+        out["uq_mean"], out["uq_std"] = (torch.stack(x, 1) for x in zip(*uq, strict=True))
+        out["zp_mean"], out["zp_std"] = self.z_prior(h)
+        out["up_mean"], out["up_std"] = self.u_prior(feat[:, :-1])
+        out["idm_mean"], out["idm_std"] = self.idm(torch.cat([feat[:n_ac, :-1], embed[:n_ac, 1:]], -1))
+        return out
+
+
+def unified_elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_nats: float):
+    """The negative unified ELBO of LAWM on a batch whose first B_ac windows have actions: obs (B, L+1, D),
+    actions (B_ac, L, A), rewards (B, L). Every window: -log p(o_t|s_t) - log p(r_t|s_{t+1}) + KL(q(z_t)||p(z_t))
+    + KL(q(u_t)||N(0, I)), with q(u_t) = q(u_t|s_t,a_t) or q_idm(u_t|s_t,e_{t+1}); windows with actions add
+    -log p(a_t|s_t,u_t) and, weighted by align_coef, the alignment KL(sg q(u_t|s_t,a_t) || q_idm(u_t|s_t,e_{t+1})).
+    Every term is a mean over windows and time, so a term of the labeled windows only counts with their share
+    B_ac / B of the batch (with B_ac = B this is C-LAP's ELBO with a standard normal prior).
+    Returns (loss, metrics, states); `action_loss` and `align` in metrics are per labeled step."""
+    embed = wm.encoder(obs)  # (B, L+1, D) -> (B, L+1, E), all steps at once
+    s = wm.observe(embed, actions)
+    feat, n_ac, share = s["feat"], len(actions), len(actions) / len(obs)
+    obs_loss = gaussian_nll(obs, wm.obs_decoder(feat)).mean()
+    reward_loss = gaussian_nll(rewards[..., None], wm.reward_decoder(feat[:, 1:])).mean()
+    kl_z_loss, kl_z = kl_loss((s["zq_mean"], s["zq_std"]), (s["zp_mean"], s["zp_std"]), args.kl_balance, free_nats)
+    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), args.kl_balance, free_nats)
+    loss = obs_loss + reward_loss + kl_z_loss + kl_u_loss
+    metrics = {"obs_loss": obs_loss, "reward_loss": reward_loss, "kl_z": kl_z, "kl_u": kl_u}
+    if n_ac > 0:  # (a mean over no windows would be NaN)
+        action_loss = gaussian_nll(actions, wm.action_decoder(torch.cat([feat[:n_ac, :-1], s["u"][:n_ac]], -1))).mean()
+        sg_posterior = (s["uq_mean"][:n_ac].detach(), s["uq_std"][:n_ac].detach())
+        align = kl_gaussian(*sg_posterior, s["idm_mean"], s["idm_std"]).mean()
+        loss = loss + share * (action_loss + args.align_coef * align)
+        metrics.update(action_loss=action_loss, align=align)
+    return loss, metrics, s
+
+
+class LatentActor(nn.Module):
+    """TanhGaussian policy over b in (-1, 1)^U; the latent action is u = mu_p(s) + epsilon * sigma_p(s) * b."""
+
+    def __init__(self, feat_dim: int, u_dim: int, hidden: int, layers: int):
+        super().__init__()
+        self.net = mlp(feat_dim, 2 * u_dim, hidden, layers)
+
+    def forward(self, feat: torch.Tensor, deterministic: bool = False):
+        mean, std = self.net(feat).chunk(2, -1)
+        std = F.softplus(std) + 1e-4
+        x = mean if deterministic else mean + std * torch.randn_like(mean)
+        log_prob = (-0.5 * ((x - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2 * (math.log(2) - x - F.softplus(-2 * x))).sum(-1)
+        return torch.tanh(x), log_prob
+
+
+def constrained_latent_action(wm: WorldModel, feat: torch.Tensor, b: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The constraint of C-LAP: u stays within epsilon standard deviations of the latent action prior."""
+    mean, std = wm.u_prior(feat)
+    return mean + epsilon * std * b
+
+
+class ValueEnsemble(nn.Module):
+    """`n` value networks as one network of batched matmuls: (B, F) -> (n, B)."""
+
+    def __init__(self, n: int, feat_dim: int, hidden: int):
+        super().__init__()
+        self.n = n
+        self.net = nn.Sequential(
+            VectorizedLinear(n, feat_dim, hidden),
+            nn.SiLU(),
+            VectorizedLinear(n, hidden, hidden),
+            nn.SiLU(),
+            VectorizedLinear(n, hidden, 1),
+        )
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = feat.reshape(1, -1, feat.shape[-1]).expand(self.n, -1, -1)  # (..., F) -> (n, N, F)
+        return self.net(x).reshape(self.n, *feat.shape[:-1])  # (n, N, 1) -> (n, ...)
+
+
+def imagine(wm: WorldModel, actor: LatentActor, h: torch.Tensor, z: torch.Tensor, horizon: int, epsilon: float):
+    """Rolls the prior dynamics `horizon` steps from the states (h, z) (N starts) with the actor's latent
+    actions. Gradients flow through the dynamics into the actor. Returns features (H+1, N, F) and the
+    actor's log-probabilities (H, N)."""
+    feats, log_probs = [torch.cat([h, z], -1)], []
+    for _ in range(horizon):
+        b, log_prob = actor(feats[-1])
+        u = constrained_latent_action(wm, feats[-1], b, epsilon)
+        h = wm.step(h, z, u)
+        z_mean, z_std = wm.z_prior(h)
+        z = z_mean + z_std * torch.randn_like(z_std)
+        feats.append(torch.cat([h, z], -1))
+        log_probs.append(log_prob)
+    return torch.stack(feats), torch.stack(log_probs)
+
+
+def lambda_return(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """TD(lambda) returns: rewards (H, N) with r_t the reward of reaching s_{t+1}, values (H+1, N) of s_t.
+    R_t = r_t + gamma * ((1 - lam) * v_{t+1} + lam * R_{t+1}), R_H = v_H. Returns (H, N)."""
+    ret, out = values[-1], []
+    for t in reversed(range(len(rewards))):
+        ret = rewards[t] + gamma * ((1 - lam) * values[t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+@torch.no_grad()
+def action_recovery(wm: WorldModel, obs: torch.Tensor, true_actions: torch.Tensor):
+    """Does the model understand action-free data? Windows of labeled trajectories are filtered as action-free
+    (u_t from the IDM, which never sees a_t), the action is read off the IDM's mean latent action as the mean of
+    p(a_t | s_t, u_t), clipped to [-1, 1] as when acting, and compared with the true a_t.
+    obs (R, L+1, D), true_actions (R, L, A). Returns (R2 averaged over action dimensions, MSE)."""
+    s = wm.observe(wm.encoder(obs), true_actions[:0])  # (0, L, A): no window has actions
+    predicted = wm.action_decoder(torch.cat([s["feat"][:, :-1], s["uq_mean"]], -1)).clamp(-1, 1)
+    predicted, true = predicted.flatten(0, 1), true_actions.flatten(0, 1)  # (R, L, A) -> (R * L, A)
+    r2 = 1 - ((predicted - true) ** 2).sum(0) / ((true - true.mean(0)) ** 2).sum(0).clamp(min=1e-8)
+    return r2.mean().item(), ((predicted - true) ** 2).mean().item()
+
+
+@torch.no_grad()
+def open_loop_prediction(wm: WorldModel, obs, actions, context: int, horizon: int):
+    """Filters the first `context` steps of each window, then predicts `horizon` steps open loop (prior z,
+    latent actions inferred from the true actions). Returns the decoded (normalised) observations and the
+    true ones, both (B, horizon, D)."""
+    s = wm.observe(wm.encoder(obs[:, : context + 1]), actions[:, :context])
+    h, z = s["feat"][:, -1, : wm.deter_dim], s["feat"][:, -1, wm.deter_dim :]
+    predictions = []
+    for t in range(context, context + horizon):
+        u = wm.u_posterior(torch.cat([h, z, actions[:, t]], -1))[0]
+        h = wm.step(h, z, u)
+        z = wm.z_prior(h)[0]
+        predictions.append(wm.obs_decoder(torch.cat([h, z], -1)))
+    return torch.stack(predictions, 1), obs[:, context + 1 : context + 1 + horizon]  # (B, H, D) each
+
+
+def open_loop_figure(predicted: np.ndarray, true: np.ndarray, dims: int = 4):
+    """Predicted against true trajectories of the first `dims` observation dimensions of one window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = min(dims, true.shape[1])
+    fig, axes = plt.subplots(1, dims, figsize=(3 * dims, 2.5), squeeze=False)
+    axes = axes[0]
+    for d, ax in enumerate(axes):
+        ax.plot(true[:, d], label="true")
+        ax.plot(predicted[:, d], "--", label="open-loop prediction")
+        ax.set_title(f"observation dim {d} (normalised)", fontsize=8)
+        ax.set_xlabel("steps ahead")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    commit = git_commit()  # recorded at the start: the code that runs, whatever changes later
+    for name in (
+        "model_steps",
+        "agent_steps",
+        "batch_size",
+        "seq_len",
+        "horizon",
+        "eval_every",
+        "eval_episodes",
+        "num_values",
+    ):
+        if getattr(args, name) < 1 and not (name == "model_steps" and args.model_checkpoint):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.labeled_ratio <= 1:
+        raise SystemExit(f"error: --labeled-ratio must be in (0, 1], got {args.labeled_ratio}")
+    if not 0 <= args.recovery_fraction < 1:
+        raise SystemExit(f"error: --recovery-fraction must be in [0, 1), got {args.recovery_fraction}")
+    dataset = load_dataset(args)
+    run_dir = make_run_dir(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    free_nats = 1.0 if args.dataset in ("medium-replay", "plan2explore") else 0.0  # paper Table 2
+    free_nats = free_nats if args.free_nats is None else args.free_nats
+
+    # LAWM sees every trajectory. A few labeled ones (the recovery set) are trained on as action-free: their
+    # actions serve only to measure the actions the IDM recovers, on data it learned from without actions.
+    episodes_ac, recovery_episodes = recovery_split(dataset["labeled_episodes"], args.recovery_fraction, args.split_seed)
+    episodes_af = np.setdiff1d(np.arange(len(dataset["episode_starts"])), episodes_ac)  # trained on without actions
+    starts_ac = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes_ac, args.seq_len)
+    starts_af = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes_af, args.seq_len)
+    if len(starts_ac) == 0:
+        raise SystemExit(f"error: no labeled trajectory is {args.seq_len} steps long; lower --seq-len")
+    n_ac = windows_with_actions(args.batch_size, args.labeled_ratio, has_action_free=len(starts_af) > 0)
+    print(
+        f"{run_dir.name}: {len(episodes_ac)} trajectories with actions ({len(starts_ac)} windows of {args.seq_len} "
+        f"steps), {len(episodes_af)} without ({len(starts_af)} windows), {len(recovery_episodes)} of them labeled "
+        f"for the action-recovery diagnostic; {n_ac} of {args.batch_size} windows per batch have actions"
+    )
+    mean, std = compute_mean_std(dataset["observations"])
+    to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+    normalized = lambda m, s: (to_tensor((dataset[k] - m) / s) for k in ("observations", "next_observations"))  # noqa: E731
+    obs_t, next_obs_t = normalized(mean, std)
+    actions_t, rewards_t = to_tensor(dataset["actions"]), to_tensor(dataset["rewards"])
+
+    def batch(batch_size: int, n_ac: int):
+        """A batch of windows, the n_ac with actions first: observations (B, L+1, D), actions (n_ac, L, A) of
+        those n_ac only (an action-free window's actions are never indexed), rewards (B, L)."""
+        idx_ac = sample_windows(starts_ac, n_ac, args.seq_len, device)  # (n_ac, L)
+        idx_af = sample_windows(starts_af, batch_size - n_ac, args.seq_len, device) if batch_size > n_ac else idx_ac[:0]
+        idx = torch.cat([idx_ac, idx_af])  # (B, L)
+        obs = torch.cat([obs_t[idx], next_obs_t[idx[:, -1:]]], 1)  # (B, L, D) + (B, 1, D) -> (B, L+1, D)
+        return obs, actions_t[idx_ac], rewards_t[idx]
+
+    recovery_idx = torch.as_tensor(
+        consecutive_windows(dataset["episode_starts"], dataset["episode_ends"], recovery_episodes, args.seq_len), device=device
+    )
+
+    obs_dim, act_dim = obs_t.shape[1], actions_t.shape[1]
+    feat_dim = args.deter_dim + args.stoch_dim
+    wm = WorldModel(obs_dim, act_dim, args).to(device)
+    actor = LatentActor(feat_dim, args.latent_action_dim, args.hidden_dim, args.mlp_layers).to(device)
+    values = ValueEnsemble(args.num_values, feat_dim, args.hidden_dim).to(device)
+    values_target = ValueEnsemble(args.num_values, feat_dim, args.hidden_dim).to(device)
+    values_target.load_state_dict(values.state_dict())
+    values_target.requires_grad_(False)
+    model_optimizer = torch.optim.Adam(wm.parameters(), lr=args.model_learning_rate)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate)
+    value_optimizer = torch.optim.Adam(values.parameters(), lr=args.value_learning_rate)
+    nets = {"world_model": wm, "actor": actor, "values": values, "values_target": values_target}
+    nets.update(model_optimizer=model_optimizer, actor_optimizer=actor_optimizer, value_optimizer=value_optimizer)
+
+    model_step, agent_step, evals = 0, 0, []
+    if args.model_checkpoint:
+        state = torch.load(args.model_checkpoint, weights_only=True, map_location=device)
+        wm.load_state_dict(state["world_model"])
+        mean, std = state["obs_mean"].numpy(), state["obs_std"].numpy()
+        obs_t, next_obs_t = normalized(mean, std)
+        model_step = args.model_steps
+        print(f"loaded the world model of {args.model_checkpoint}")
+    if args.resume:
+        state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location=device)
+        for k, net in nets.items():
+            net.load_state_dict(state[k])
+        model_step, agent_step, evals = state["model_step"], state["agent_step"], [tuple(e) for e in state["evals"]]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed {run_dir} at model step {model_step}, agent step {agent_step}")
+
+    def save_checkpoint():
+        state = {k: net.state_dict() for k, net in nets.items()}
+        state.update(model_step=model_step, agent_step=agent_step, evals=evals, torch_rng=torch.get_rng_state())
+        state.update(obs_mean=torch.as_tensor(mean), obs_std=torch.as_tensor(std))
+        save_atomic(state, run_dir / "checkpoint.pt")
+
+    def recovered_actions():
+        """R2 and MSE of the actions the IDM recovers on the recovery set."""
+        obs = torch.cat([obs_t[recovery_idx], next_obs_t[recovery_idx[:, -1:]]], 1)  # (R, L+1, D)
+        return action_recovery(wm, obs, actions_t[recovery_idx])
+
+    # 1. the world model
+    start_time, start_step = time.time(), model_step
+    while model_step < args.model_steps:
+        obs, actions, rewards = batch(args.batch_size, n_ac)
+        loss, metrics, _ = unified_elbo_loss(wm, obs, actions, rewards, args, free_nats)
+        model_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(wm.parameters(), args.grad_clip)
+        model_optimizer.step()
+        model_step += 1
+        if model_step % args.log_every == 0 or model_step == args.model_steps:
+            sps = (model_step - start_step) / (time.time() - start_time)
+            for k, v in metrics.items():
+                writer.add_scalar(f"world_model/{k}", v.item(), model_step)
+            writer.add_scalar("world_model/loss", loss.item(), model_step)
+            writer.add_scalar("world_model/grad_norm", grad_norm.item(), model_step)
+            writer.add_scalar("charts/model_SPS", sps, model_step)
+            predicted, true = open_loop_prediction(
+                wm, *batch(args.batch_size, args.batch_size)[:2], args.seq_len // 2, min(args.horizon, args.seq_len // 2)
+            )
+            errors = ((predicted - true) ** 2).mean(dim=(0, 2))  # (B, H, D) -> (H,): error by steps ahead
+            writer.add_scalar("world_model/open_loop_error_final", errors[-1].item(), model_step)
+            writer.add_scalar("world_model/open_loop_error_mean", errors.mean().item(), model_step)
+            eta = (args.model_steps - model_step) / sps
+            print(
+                f"model step {model_step}/{args.model_steps} | loss {loss.item():8.2f} "
+                f"| obs {metrics['obs_loss'].item():7.2f} | kl_z {metrics['kl_z'].item():5.2f} "
+                f"| kl_u {metrics['kl_u'].item():5.2f} "
+                f"| open-loop error {errors[-1].item():6.3f} | {sps:4.1f} steps/s | ETA {eta / 60:5.1f} min",
+                flush=True,
+            )
+        if model_step % args.eval_every == 0 or model_step == args.model_steps:
+            predicted, true = open_loop_prediction(wm, *batch(1, 1)[:2], args.seq_len // 2, args.seq_len // 2)
+            figure = open_loop_figure(predicted[0].cpu().numpy(), true[0].cpu().numpy())
+            writer.add_figure("world_model/open_loop", figure, model_step)
+            if len(recovery_idx) > 0:
+                idm_r2, idm_mse = recovered_actions()
+                writer.add_scalar("world_model/idm_action_r2", idm_r2, model_step)
+                writer.add_scalar("world_model/idm_action_mse", idm_mse, model_step)
+                print(f"model step {model_step}: actions recovered by the IDM: R2 {idm_r2:.3f}, MSE {idm_mse:.4f}", flush=True)
+            save_checkpoint()
+    wm.requires_grad_(False)  # frozen: the actor's gradient flows through it, its weights stay
+
+    def make_policy():
+        """Posterior filtering with the executed latent actions; the action sent is the mean of p(a | s, u)."""
+        memory = {"h": torch.zeros(1, args.deter_dim, device=device), "z": None, "u": None}
+
+        @torch.no_grad()
+        def act(o: np.ndarray) -> np.ndarray:
+            e = wm.encoder(to_tensor((o - mean) / std)[None])
+            if memory["u"] is not None:
+                memory["h"] = wm.step(memory["h"], memory["z"], memory["u"])
+            memory["z"] = wm.z_posterior(torch.cat([memory["h"], e], -1))[0]
+            feat = torch.cat([memory["h"], memory["z"]], -1)
+            memory["u"] = constrained_latent_action(wm, feat, actor(feat, deterministic=True)[0], args.epsilon)
+            return wm.action_decoder(torch.cat([feat, memory["u"]], -1))[0].clamp(-1, 1).cpu().numpy()
+
+        return act
+
+    # 2. the actor-critic in imagination, on the frozen model
+    start_time, start_step = time.time(), agent_step
+    while agent_step < args.agent_steps:
+        obs, actions, rewards = batch(args.batch_size, n_ac)
+        with torch.no_grad():
+            feat = wm.observe(wm.encoder(obs), actions)["feat"].reshape(-1, feat_dim)  # (B, L+1, F) -> (N, F)
+        feats, log_probs = imagine(wm, actor, feat[:, : args.deter_dim], feat[:, args.deter_dim :], args.horizon, args.epsilon)
+        imagined_rewards = wm.reward_decoder(feats[1:]).squeeze(-1)  # (H, N): r_t read off s_{t+1}
+        returns = lambda_return(imagined_rewards, values_target(feats).mean(0), args.gamma, args.return_lambda)
+        actor_loss = -returns.mean() + args.entropy_coef * log_probs.mean()
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
+        actor_optimizer.step()
+
+        value_loss = ((values(feats[:-1].detach()) - returns.detach()) ** 2).mean(dim=(1, 2)).sum()
+        value_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        nn.utils.clip_grad_norm_(values.parameters(), args.grad_clip)
+        value_optimizer.step()
+        agent_step += 1
+        if agent_step % args.target_update_every == 0:
+            values_target.load_state_dict(values.state_dict())
+
+        if agent_step % args.log_every == 0:
+            writer.add_scalar("losses/actor_loss", actor_loss.item(), agent_step)
+            writer.add_scalar("losses/value_loss", value_loss.item(), agent_step)
+            writer.add_scalar("losses/entropy", -log_probs.mean().item(), agent_step)
+            writer.add_scalar("losses/imagined_return", returns.mean().item(), agent_step)
+            writer.add_scalar("losses/epsilon", args.epsilon, agent_step)
+            writer.add_scalar("charts/agent_SPS", (agent_step - start_step) / (time.time() - start_time), agent_step)
+        if agent_step % args.eval_every == 0 or agent_step == args.agent_steps:
+            returns_eval = evaluate(args, make_policy, dataset["attrs"], seed=args.seed + agent_step)
+            evals.append((agent_step, float(returns_eval.mean())))
+            writer.add_scalar("eval/episodic_return", returns_eval.mean(), agent_step)
+            writer.add_scalar("eval/normalized_score", returns_eval.mean() / 10, agent_step)
+            sps = (agent_step - start_step) / (time.time() - start_time)
+            eta = (args.agent_steps - agent_step) / sps
+            print(
+                f"agent step {agent_step}/{args.agent_steps} | return {returns_eval.mean():7.1f} ± {returns_eval.std():5.1f} "
+                f"| imagined return {returns.mean().item():7.2f} | {sps:4.1f} steps/s | ETA {eta / 60:5.1f} min",
+                flush=True,
+            )
+            save_checkpoint()
+
+    idm_r2, idm_mse = recovered_actions() if len(recovery_idx) > 0 else (None, None)  # null: no recovery set
+    recovery = {"idm_action_r2": idm_r2, "idm_action_mse": idm_mse, "recovery_episodes": recovery_episodes.tolist()}
+    write_summary(run_dir, args, evals, dataset["labeled_episodes"], commit, **recovery)
+    if args.save_model:
+        save_atomic(torch.load(run_dir / "checkpoint.pt", weights_only=True), run_dir / "model.pt")
+    writer.close()
+    print(f"final normalized score {evals[-1][1] / 10:.1f} (best {max(r for _, r in evals) / 10:.1f}); see {run_dir}")
