@@ -89,6 +89,35 @@ def td3_bc_updates(seconds: float) -> float:
     return rate(step, seconds)
 
 
+def td3_bc_matmul_floor(seconds: float, obs: int = 17, act: int = 6, hidden: int = 256, batch: int = 256) -> float:
+    """Updates/s if one TD3+BC update were nothing but its matrix products: the same shapes, forward and
+    backward, on random tensors (critic step every update, actor step every second). An upper bound on
+    `td3_bc_updates`: no elementwise work, optimizer, sampling or autograd bookkeeping."""
+    B, H, i = batch, hidden, obs + act
+    r = torch.randn
+
+    def mm(m, k, n, twin=False):
+        a, b = (r(2, m, k), r(2, k, n)) if twin else (r(m, k), r(k, n))
+        return lambda: torch.bmm(a, b) if twin else torch.mm(a, b)
+
+    actor_fwd = [mm(B, obs, H), mm(B, H, H), mm(B, H, act)]
+    critic_fwd = [mm(B, i, H, True), mm(B, H, H, True), mm(B, H, 1, True)]
+    # backward of a layer y = x W: dx = dy W^T (B, out) x (out, in), dW = x^T dy (in, B) x (B, out)
+    critic_bwd = [mm(B, 1, H, True), mm(H, B, 1, True), mm(B, H, H, True), mm(H, B, H, True), mm(i, B, H, True)]
+    q1_fwd = [mm(B, i, H), mm(B, H, H), mm(B, H, 1)]
+    q1_bwd_inputs = [mm(B, 1, H), mm(B, H, H), mm(B, H, i)]
+    actor_bwd = [mm(B, act, H), mm(H, B, act), mm(B, H, H), mm(H, B, H), mm(obs, B, H)]
+    critic_step = actor_fwd + critic_fwd + critic_fwd + critic_bwd  # target actor and critic, critic, backward
+    actor_step = actor_fwd + q1_fwd + q1_bwd_inputs + actor_bwd
+    two_updates = critic_step + critic_step + actor_step
+
+    def step():
+        for f in two_updates:
+            f()
+
+    return 2 * rate(step, seconds)
+
+
 def c_lap_steps(seconds: float, deter: int = 200, stoch: int = 30, hidden: int = 200):
     """World-model gradient steps/s at batch 50 x 50, and actor-critic steps/s from 2550 imagined starts
     (horizon 15, 5 value nets), with the sizes of SPEC §7's naive figures."""
@@ -141,6 +170,7 @@ if __name__ == "__main__":
         print(f"{name}: {env_steps(name, a.seconds):7.0f} agent steps/s (random actions, action repeat 2)")
     print(f"SAC (collect_data.py, batch 256, 256x2):  {sac_updates(a.seconds):6.1f} updates/s")
     print(f"TD3+BC (td3_bc.py, batch 256, 256x2):     {td3_bc_updates(a.seconds):6.1f} updates/s")
+    print(f"TD3+BC, its matrix products alone:       {td3_bc_matmul_floor(a.seconds):6.1f} updates/s (upper bound)")
     model, agent = c_lap_steps(a.seconds)
     print(f"C-LAP world model (batch 50x50, deter 200, stoch 30, hidden 200): {model:5.2f} steps/s")
     print(f"C-LAP actor-critic (2550 starts, horizon 15, 5 values):          {agent:5.2f} steps/s")
