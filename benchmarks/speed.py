@@ -1,6 +1,6 @@
 """Measures what docs/ reports as speed: environment steps/s, SAC updates/s (collect_data.py), TD3+BC
-updates/s (td3_bc.py) and C-LAP's world-model and actor-critic steps/s (c_lap.py), on random data, with the
-networks and losses of the scripts themselves.
+updates/s (td3_bc.py) and the bound its matrix products alone set, and C-LAP's world-model and actor-critic
+steps/s (c_lap.py), on random data, with the networks and losses of the scripts themselves.
 
     python benchmarks/speed.py --threads 2
 """
