@@ -1,6 +1,8 @@
 # Makes the offline datasets of "Latent Action World Models for Control with Unlabeled Trajectories"
 # (Appendix E) on the DeepMind Control Suite: a SAC agent learns the task online from proprioceptive
 # states; its policy snapshots and its replay become the expert, medium, medium-replay and random sets.
+# A second SAC agent that ignores the task and is rewarded by the disagreement of an ensemble of one-step
+# dynamics models (as Plan2Explore) makes the plan2explore set: its replay, with the task rewards recorded.
 # Format and protocol: docs/datasets.md.
 import os
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-KINDS = ("expert", "medium", "medium-replay", "random")
+KINDS = ("expert", "medium", "medium-replay", "random", "plan2explore")
 FORMAT_VERSION = 1
 
 
@@ -31,7 +33,7 @@ FORMAT_VERSION = 1
 class Args:
     env: str = "cheetah-run"
     """dm_control suite task as `domain-task`, e.g. cheetah-run, walker-walk, hopper-stand"""
-    kinds: tuple[Literal["expert", "medium", "medium-replay", "random"], ...] = KINDS
+    kinds: tuple[Literal["expert", "medium", "medium-replay", "random", "plan2explore"], ...] = KINDS
     """which datasets to write; each becomes `{datasets_dir}/{env}/{kind}.hdf5`"""
     num_seeds: int = 5
     """number of SAC agents (seeds `seed`, `seed+1`, ...); each adds `trajectories_per_seed` to every dataset"""
@@ -83,6 +85,15 @@ class Args:
     """episodes per evaluation"""
     checkpoint_every: int = 25
     """training episodes between checkpoints"""
+
+    # Exploration (the plan2explore kind): SAC with the disagreement of a dynamics ensemble as its only reward
+    ensemble_size: int = 5
+    """one-step dynamics models in the ensemble whose disagreement is the explorer's reward"""
+    ensemble_hidden_dim: int = 256
+    """width of the two hidden layers of each dynamics model"""
+    disagreement_scale: float = 100.0
+    """the explorer's reward is this times the ensemble's variance (in units of the standardised observation change);
+    100 brings it to the order of the task rewards (cheetah-run: 0.7-1 per step in the first episodes)"""
 
 
 def make_env(name: str, seed: int):
@@ -270,6 +281,78 @@ class SAC:
             self.log_alpha.copy_(state["log_alpha"])
 
 
+class DynamicsEnsemble(nn.Module):
+    """`n` one-step dynamics models in batched matmuls (Plan2Explore's ensemble, on states). Member k predicts
+    the standardised change of the observation, (o_{t+1} - o_t - delta_mean) / delta_std, from the standardised
+    o_t and a_t. The statistics are the replay's, refreshed before every block of updates; they are buffers, so a
+    checkpoint keeps them."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.n = n
+        self.net = nn.Sequential(
+            VectorizedLinear(n, obs_dim + act_dim, hidden),
+            nn.ReLU(),
+            VectorizedLinear(n, hidden, hidden),
+            nn.ReLU(),
+            VectorizedLinear(n, hidden, obs_dim),
+        )
+        for name in ("obs_mean", "delta_mean"):
+            self.register_buffer(name, torch.zeros(obs_dim))
+        for name in ("obs_std", "delta_std"):
+            self.register_buffer(name, torch.ones(obs_dim))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(B, D) inputs go to every member, (n, B, D) inputs give each member its own batch; -> (n, B, obs_dim)."""
+        x = torch.cat([(obs - self.obs_mean) / self.obs_std, act], -1)
+        return self.net(x.expand(self.n, *x.shape[-2:]))  # (B, D) -> (n, B, D); (n, B, D) stays
+
+    def target(self, obs: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        return (next_obs - obs - self.delta_mean) / self.delta_std
+
+    @torch.no_grad()
+    def set_statistics(self, obs: torch.Tensor, next_obs: torch.Tensor, eps: float = 1e-3):
+        self.obs_mean.copy_(obs.mean(0))
+        self.obs_std.copy_(obs.std(0) + eps)
+        self.delta_mean.copy_((next_obs - obs).mean(0))
+        self.delta_std.copy_((next_obs - obs).std(0) + eps)
+
+
+def ensemble_loss(ensemble: DynamicsEnsemble, obs, act, next_obs) -> torch.Tensor:
+    """Each member's mean squared error on its own batch (inputs (n, B, D)), summed over the members."""
+    return ((ensemble(obs, act) - ensemble.target(obs, next_obs)) ** 2).mean((1, 2)).sum()
+
+
+@torch.no_grad()
+def disagreement(ensemble: DynamicsEnsemble, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Plan2Explore's intrinsic reward: the variance of the members' predictions of the next observation,
+    averaged over its dimensions; (B, D) inputs -> (B,). Large where the models have not seen data."""
+    return ensemble(obs, act).var(0, unbiased=False).mean(-1)
+
+
+class Explorer:
+    """The ensemble and its optimizer, kept together so that a checkpoint is one state dict (as `SAC`)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
+        self.ensemble = DynamicsEnsemble(args.ensemble_size, obs_dim, act_dim, args.ensemble_hidden_dim).to(device)
+        fused = device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(self.ensemble.parameters(), args.learning_rate, fused=fused)
+
+    def update(self, obs, act, next_obs) -> torch.Tensor:
+        loss = ensemble_loss(self.ensemble, obs, act, next_obs)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"ensemble": self.ensemble.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.ensemble.load_state_dict(state["ensemble"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 def policy_fn(actor: TanhGaussianActor, device: torch.device, deterministic: bool):
     """Wraps the actor as `obs (np) -> action (np)`: the tanh of the mean, or a sample."""
 
@@ -312,10 +395,14 @@ def set_rng_state(state: dict, env):
     env.task.random.set_state(state["env"])
 
 
-def train_agent(args: Args, seed: int, work: Path, device: torch.device):
-    """Trains one SAC agent online, resuming from `work/checkpoint.pt` when it exists.
-    Returns the episodes it collected (a list of (obs, actions, rewards, terminal)) and its snapshots
-    (a list of dicts with `episode`, `eval_return` and the actor's `state_dict`)."""
+def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore: bool = False):
+    """Trains one SAC agent online, resuming from its checkpoint in `work` when there is one.
+    The task agent learns the task for `train_episodes` episodes and keeps a policy snapshot at every evaluation.
+    With `explore` it is the plan2explore explorer: the same seed gives it the same warm-up (the same random
+    episodes), after which it learns for `trajectories_per_seed` episodes from the disagreement of a dynamics
+    ensemble alone; the task reward is only recorded. Returns the episodes it collected (a list of (obs, actions,
+    rewards, terminal), task rewards), its snapshots (a list of dicts with `episode`, `eval_return` and the actor's
+    `state_dict`; none for the explorer), obs_dim and act_dim."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -323,79 +410,104 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device):
     obs_dim = flat_obs(env.reset().observation).shape[0]
     act_dim = env.action_spec().shape[0]
     agent = SAC(obs_dim, act_dim, args, device)
+    explorer = Explorer(obs_dim, act_dim, args, device) if explore else None
+    total_episodes = args.warmup_episodes + args.trajectories_per_seed if explore else args.train_episodes
+    who = "explorer" if explore else "agent"
     episodes, snapshots, start = [], [], 0
-    checkpoint = work / "checkpoint.pt"
+    checkpoint = work / ("explorer_checkpoint.pt" if explore else "checkpoint.pt")
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)  # our own file: RNG states are numpy
-        if state["config"] != sac_config(args):
+        if state["config"] != sac_config(args, explore):
             raise SystemExit(
                 f"error: {checkpoint} was made with other settings {state['config']}; delete {work} to start over"
             )
-        if state["episode"] > args.train_episodes:
-            raise SystemExit(
-                f"error: {checkpoint} is at episode {state['episode']}, past --train-episodes {args.train_episodes}"
-            )
+        if state["episode"] > total_episodes:
+            flag = "--trajectories-per-seed" if explore else "--train-episodes"
+            raise SystemExit(f"error: {checkpoint} is at episode {state['episode']}, past {flag} ({total_episodes} episodes)")
         agent.load_state_dict(state["agent"])
+        if explore:
+            explorer.load_state_dict(state["explorer"])
         episodes, snapshots, start = state["episodes"], state["snapshots"], state["episode"]
         set_rng_state(state["rng"], env)
         eval_env.task.random.set_state(state["eval_env_rng"])
-        print(f"seed {seed}: resumed from {checkpoint} at episode {start}")
+        print(f"seed {seed}: {who} resumed from {checkpoint} at episode {start}")
 
-    writer = SummaryWriter(str(Path(args.runs_dir) / f"collect_data__{args.env}__{seed}"), purge_step=start)
+    run_name = f"collect_data__{args.env}__plan2explore__{seed}" if explore else f"collect_data__{args.env}__{seed}"
+    writer = SummaryWriter(str(Path(args.runs_dir) / run_name), purge_step=start)
     actor_policy = policy_fn(agent.actor, device, deterministic=False)
     rng = np.random.default_rng(seed)  # the warm-up's random actions
     if checkpoint.exists():
         rng.bit_generator.state = state["warmup_rng"]
     updates_per_episode = args.episode_length // args.update_every
     t0, episode0 = time.time(), start
-    for episode in range(start, args.train_episodes):
+    for episode in range(start, total_episodes):
         warmup = episode < args.warmup_episodes
         policy = random_policy(rng, act_dim) if warmup else actor_policy
         obs, actions, rewards, terminal = rollout(env, policy, args.episode_length, args.action_repeat)
         episodes.append((obs, actions, rewards, terminal))
         writer.add_scalar("charts/episodic_return", rewards.sum(), episode)
+        if explore and not warmup:  # how new this episode was to the ensemble that chose its actions
+            o, a = torch.as_tensor(obs[:-1], device=device), torch.as_tensor(actions, device=device)
+            writer.add_scalar("explore/episode_disagreement", disagreement(explorer.ensemble, o, a).mean().item(), episode)
 
         if not warmup:
             # the replay as flat tensors, rebuilt per episode: sampling is then one randint and four gathers
             replay = [torch.as_tensor(np.concatenate(x), device=device) for x in zip(*transitions(episodes), strict=True)]
+            if explore:
+                explorer.ensemble.set_statistics(replay[0], replay[3])
             for _ in range(updates_per_episode):
                 idx = torch.randint(0, replay[0].shape[0], (args.batch_size,), device=device)
-                metrics = agent.update([x[idx] for x in replay], args)
+                batch = [x[idx] for x in replay]
+                if explore:
+                    # every member learns from its own batch; the agent's reward is the disagreement, not the task's
+                    idx = torch.randint(0, replay[0].shape[0], (args.ensemble_size, args.batch_size), device=device)
+                    model_loss = explorer.update(replay[0][idx], replay[1][idx], replay[3][idx])
+                    batch[2] = args.disagreement_scale * disagreement(explorer.ensemble, batch[0], batch[1])
+                metrics = agent.update(batch, args)
+            if explore:
+                metrics.update(ensemble_loss=model_loss, disagreement=batch[2].mean())
             for k, v in metrics.items():
                 writer.add_scalar(f"losses/{k}", v.item(), episode)
 
         done = episode + 1
-        if done % args.eval_every == 0 or done == args.train_episodes:
-            eval_policy = policy_fn(agent.actor, device, deterministic=True)
-            episodes_eval = [
-                rollout(eval_env, eval_policy, args.episode_length, args.action_repeat) for _ in range(args.eval_episodes)
-            ]
-            eval_return = float(np.mean([e[2].sum() for e in episodes_eval]))
-            actor_state = {k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()}
-            snapshots.append({"episode": done, "eval_return": eval_return, "actor": actor_state})
-            sps = (done - episode0) * args.episode_length / (time.time() - t0)  # since the last evaluation
-            eta = (args.train_episodes - done) * args.episode_length / sps
+        if done % args.eval_every == 0 or done == total_episodes:
+            if explore:  # the explorer is not meant to solve the task: its training returns are logged, no snapshots
+                note = f"| explorer's reward {metrics['disagreement'].item() if not warmup else float('nan'):7.4f} "
+            else:
+                eval_policy = policy_fn(agent.actor, device, deterministic=True)
+                episodes_eval = [
+                    rollout(eval_env, eval_policy, args.episode_length, args.action_repeat) for _ in range(args.eval_episodes)
+                ]
+                eval_return = float(np.mean([e[2].sum() for e in episodes_eval]))
+                actor_state = {k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()}
+                snapshots.append({"episode": done, "eval_return": eval_return, "actor": actor_state})
+                writer.add_scalar("eval/episodic_return", eval_return, done)
+                note = f"| eval return {eval_return:7.1f} "
+            sps = (done - episode0) * args.episode_length / (time.time() - t0)  # since the last report
+            eta = (total_episodes - done) * args.episode_length / sps
             t0, episode0 = time.time(), done
-            writer.add_scalar("eval/episodic_return", eval_return, done)
             writer.add_scalar("charts/SPS", sps, done)
             print(
-                f"seed {seed} | episode {done}/{args.train_episodes} | train return {rewards.sum():7.1f} "
-                f"| eval return {eval_return:7.1f} | {sps:5.0f} env steps/s | ETA {eta / 60:5.1f} min",
+                f"seed {seed} | {who} episode {done}/{total_episodes} | train return {rewards.sum():7.1f} {note}"
+                f"| {sps:5.0f} env steps/s | ETA {eta / 60:5.1f} min",
                 flush=True,
             )
-        if done % args.checkpoint_every == 0 or done == args.train_episodes:
-            state = {"config": sac_config(args), "agent": agent.state_dict(), "episodes": episodes, "snapshots": snapshots}
-            state.update(episode=done, rng=rng_state(env), eval_env_rng=eval_env.task.random.get_state())
+        if done % args.checkpoint_every == 0 or done == total_episodes:
+            state = {"config": sac_config(args, explore), "agent": agent.state_dict(), "episodes": episodes}
+            state.update(snapshots=snapshots, episode=done, rng=rng_state(env), eval_env_rng=eval_env.task.random.get_state())
             state["warmup_rng"] = rng.bit_generator.state
+            if explore:
+                state["explorer"] = explorer.state_dict()
             save_atomic(state, checkpoint)
     writer.close()
     return episodes, snapshots, obs_dim, act_dim
 
 
-def sac_config(args: Args) -> dict:
+def sac_config(args: Args, explore: bool = False) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
     keep = ("env", "action_repeat", "episode_length", "warmup_episodes", "update_every")
-    keep += ("batch_size", "hidden_dim", "learning_rate", "gamma", "tau", "init_alpha", "eval_every", "eval_episodes")
+    keep += ("batch_size", "hidden_dim", "learning_rate", "gamma", "tau", "init_alpha")
+    keep += ("ensemble_size", "ensemble_hidden_dim", "disagreement_scale") if explore else ("eval_every", "eval_episodes")
     return {k: getattr(args, k) for k in keep}
 
 
@@ -409,7 +521,17 @@ def transitions(episodes):
 
 
 def collect_seed(args: Args, seed: int, work: Path, device: torch.device):
-    """Trains the agent of one seed and writes its share of every requested dataset to `work/{kind}.npz`."""
+    """Trains the agents of one seed and writes its share of every requested dataset to `work/{kind}.npz`."""
+    task_kinds = [kind for kind in args.kinds if kind != "plan2explore"]
+    if task_kinds:
+        collect_task_kinds(args, seed, work, device, task_kinds)
+    if "plan2explore" in args.kinds and not part_is_current(work / "plan2explore.npz", args):
+        episodes, _, _, _ = train_agent(args, seed, work, device, explore=True)
+        write_part(work, "plan2explore", episodes[args.warmup_episodes :], {"episode": -1, "eval_return": float("nan")}, args)
+
+
+def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, kinds: list):
+    """The task agent and the kinds made from it: its snapshots' rollouts, its replay, and random actions."""
     episodes, snapshots, obs_dim, act_dim = train_agent(args, seed, work, device)
     expert = snapshots[-1]
     # medium: the snapshot whose evaluation return is closest to half the expert's
@@ -423,9 +545,8 @@ def collect_seed(args: Args, seed: int, work: Path, device: torch.device):
     torch.manual_seed(seed + 20_000)
     actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
     n = args.trajectories_per_seed
-    for kind in args.kinds:
-        out = work / f"{kind}.npz"
-        if part_is_current(out, args):
+    for kind in kinds:
+        if part_is_current(work / f"{kind}.npz", args):
             continue
         info = {"episode": -1, "eval_return": float("nan")}
         if kind == "medium-replay":
@@ -448,27 +569,32 @@ def collect_seed(args: Args, seed: int, work: Path, device: torch.device):
                 policy = policy_fn(actor, device, deterministic=False)  # the behaviour policy samples, as in training
                 info = {"episode": snapshot["episode"], "eval_return": snapshot["eval_return"]}
             chosen = [rollout(env, policy, args.episode_length, args.action_repeat) for _ in range(n)]
-        arrays = [np.concatenate(x) for x in zip(*transitions(chosen), strict=True)]
-        lengths = np.array([len(e[1]) for e in chosen])
-        timeouts = np.zeros(lengths.sum(), dtype=bool)
-        timeouts[np.cumsum(lengths) - 1] = True
-        tmp = work / f"{kind}.tmp.npz"
-        np.savez(
-            tmp,
-            observations=arrays[0],
-            actions=arrays[1],
-            rewards=arrays[2],
-            next_observations=arrays[3],
-            terminals=arrays[4].astype(bool),
-            timeouts=timeouts & ~arrays[4].astype(bool),
-            lengths=lengths,
-            snapshot_episode=info["episode"],
-            snapshot_eval_return=info["eval_return"],
-            train_episodes=args.train_episodes,
-            trajectories_per_seed=n,
-        )
-        os.replace(tmp, out)
-        print(f"seed {seed}: wrote {len(chosen)} {kind} trajectories")
+        write_part(work, kind, chosen, info, args)
+
+
+def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args):
+    """One seed's share of a dataset, `work/{kind}.npz`: the chosen episodes as flat transitions."""
+    arrays = [np.concatenate(x) for x in zip(*transitions(chosen), strict=True)]
+    lengths = np.array([len(e[1]) for e in chosen])
+    timeouts = np.zeros(lengths.sum(), dtype=bool)
+    timeouts[np.cumsum(lengths) - 1] = True
+    tmp = work / f"{kind}.tmp.npz"
+    np.savez(
+        tmp,
+        observations=arrays[0],
+        actions=arrays[1],
+        rewards=arrays[2],
+        next_observations=arrays[3],
+        terminals=arrays[4].astype(bool),
+        timeouts=timeouts & ~arrays[4].astype(bool),
+        lengths=lengths,
+        snapshot_episode=info["episode"],
+        snapshot_eval_return=info["eval_return"],
+        train_episodes=args.train_episodes,
+        trajectories_per_seed=args.trajectories_per_seed,
+    )
+    os.replace(tmp, work / f"{kind}.npz")
+    print(f"wrote {len(chosen)} {kind} trajectories to {work / f'{kind}.npz'}")
 
 
 def part_is_current(path: Path, args: Args) -> bool:
@@ -491,6 +617,67 @@ def return_stats(rewards: np.ndarray, ends: np.ndarray) -> dict:
         "return_min": returns.min(), "return_p25": q[0], "return_median": q[1], "return_p75": q[2],
         "return_max": returns.max(),
     }  # fmt: skip
+
+
+COVERAGE_DIMS, COVERAGE_CELL, COVERAGE_TRANSITIONS = 4, 0.1, 100_000
+
+
+def coverage(observations: np.ndarray) -> dict:
+    """How broad a dataset is: the std of every observation dimension, and the number of distinct cells of side
+    COVERAGE_CELL that its observations occupy in the space of the first COVERAGE_DIMS dimensions (cheetah: torso
+    height, torso angle, back thigh and back shin angles). The cells are counted on COVERAGE_TRANSITIONS evenly
+    spaced transitions, so that datasets of different sizes compare."""
+    n = len(observations)
+    idx = np.linspace(0, n - 1, min(n, COVERAGE_TRANSITIONS)).round().astype(int)
+    cells = np.floor(observations[idx, :COVERAGE_DIMS] / COVERAGE_CELL).astype(np.int64)
+    return {"obs_std": observations.std(0, dtype=np.float64), "grid_cells": len(np.unique(cells, axis=0))}
+
+
+def coverage_figure(observations: dict):
+    """Per-dimension std of every dataset, and where each dataset's observations lie in dimensions 0 and 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(observations), figsize=(4 * (1 + len(observations)), 3.6))
+    for kind, obs in observations.items():
+        axes[0].plot(obs.std(0), marker="o", label=kind)
+    axes[0].set(yscale="log", xlabel="observation dimension", ylabel="std", title="spread per dimension")
+    axes[0].legend(fontsize=7)
+    lo = np.min([np.percentile(o[:, :2], 0.1, 0) for o in observations.values()], 0)
+    hi = np.max([np.percentile(o[:, :2], 99.9, 0) for o in observations.values()], 0)
+    for ax, (kind, obs) in zip(axes[1:], observations.items(), strict=True):
+        sub = obs[np.linspace(0, len(obs) - 1, min(len(obs), 20_000)).round().astype(int)]
+        ax.scatter(sub[:, 0], sub[:, 1], s=1, alpha=0.2)
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="dimension 0", ylabel="dimension 1", title=kind)
+    fig.tight_layout()
+    return fig
+
+
+def log_coverage(args: Args, out: Path):
+    """Prints the coverage of every dataset of the env and logs it (table, figure) to `runs/collect_data__{env}__coverage`."""
+    observations = {}
+    for kind in KINDS:
+        if (out / f"{kind}.hdf5").exists():
+            with h5py.File(out / f"{kind}.hdf5", "r") as f:
+                observations[kind] = f["observations"][:]
+    run_dir = Path(args.runs_dir) / f"collect_data__{args.env}__coverage"
+    writer = SummaryWriter(str(run_dir))
+    print(f"\ncoverage: distinct cells of side {COVERAGE_CELL} over dimensions 0-{COVERAGE_DIMS - 1} "
+          f"({COVERAGE_TRANSITIONS} transitions), mean std per dimension")  # fmt: skip
+    rows = ["| dataset | grid cells | mean std |", "|---|---|---|"]
+    for kind, obs in observations.items():
+        c = coverage(obs)
+        print(f"  {kind:<14} {c['grid_cells']:>8} {c['obs_std'].mean():7.3f}")
+        rows.append(f"| {kind} | {c['grid_cells']} | {c['obs_std'].mean():.3f} |")
+        writer.add_scalar(f"coverage/grid_cells/{kind}", c["grid_cells"], 0)
+    writer.add_text("coverage", "\n".join(rows), 0)
+    fig = coverage_figure(observations)
+    fig.savefig(run_dir / "coverage.png", dpi=100)
+    writer.add_figure("coverage", fig, 0)
+    writer.close()
+    print(f"coverage figure: {run_dir / 'coverage.png'} (and in tensorboard)")
 
 
 def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], path: Path, commit: str) -> dict:
@@ -518,6 +705,8 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
             snapshot_eval_returns=np.array([float(d["snapshot_eval_return"]) for d in data]),
             **stats,
         )
+        c = coverage(f["observations"][:])
+        f.attrs.update(obs_std=c["obs_std"], grid_cells=c["grid_cells"])
     os.replace(tmp, path)
     return stats
 
@@ -536,11 +725,14 @@ def check_args(args: Args):
     """One-line errors for a user's mistakes, before any work starts."""
     positive = ("num_seeds", "train_episodes", "trajectories_per_seed", "action_repeat", "episode_length")
     positive += ("update_every", "batch_size", "hidden_dim", "eval_every", "eval_episodes", "checkpoint_every")
+    positive += ("ensemble_size", "ensemble_hidden_dim")
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup_episodes < 0 or args.warmup_episodes >= args.train_episodes:
         raise SystemExit(f"error: --warmup-episodes must be in [0, --train-episodes), got {args.warmup_episodes}")
+    if args.disagreement_scale <= 0:
+        raise SystemExit(f"error: --disagreement-scale must be positive, got {args.disagreement_scale}")
     if args.episode_length % args.update_every:
         raise SystemExit("error: --episode-length must be a multiple of --update-every")
     if not args.kinds:
@@ -593,5 +785,6 @@ if __name__ == "__main__":
             f"{s['return_min']:7.1f} {s['return_p25']:7.1f} {s['return_median']:7.1f} {s['return_p75']:7.1f} "
             f"{s['return_max']:7.1f}"
         )
+    log_coverage(args, out)
     print(f"wrote {', '.join(str(out / f'{k}.hdf5') for k in args.kinds)} in {(time.time() - start) / 60:.1f} min")
     sys.exit(0)

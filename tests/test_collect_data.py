@@ -1,4 +1,5 @@
-"""collect_data.py: SAC's losses, the file format, resume after a hard kill, and one-line errors."""
+"""collect_data.py: SAC's losses, the explorer's disagreement reward, the file format, coverage, resume after a
+hard kill, and one-line errors."""
 
 import math
 import os
@@ -132,6 +133,54 @@ def test_return_stats():
     assert s["return_median"] == 6 and s["return_max"] == 20 and s["return_std"] == pytest.approx(np.std([6, 20, 4]))
 
 
+# ---------------------------------------------------------------- the explorer's reward
+def test_disagreement_is_zero_for_identical_members():
+    torch.manual_seed(0)
+    ensemble = cd.DynamicsEnsemble(4, 3, 2, 16)
+    with torch.no_grad():
+        for p in ensemble.net.parameters():
+            p.copy_(p[:1].expand_as(p))  # every member a copy of member 0
+    obs, act = torch.randn(64, 3) * 5, torch.rand(64, 2) * 2 - 1
+    assert torch.equal(cd.disagreement(ensemble, obs, act), torch.zeros(64))
+    # and members that differ disagree
+    assert (cd.disagreement(cd.DynamicsEnsemble(4, 3, 2, 16), obs, act) > 0).all()
+
+
+def test_disagreement_is_larger_off_the_data():
+    """Trained on states near the origin, the members agree there and disagree far from it."""
+    torch.manual_seed(0)
+    args = cd.Args(ensemble_size=5, ensemble_hidden_dim=64, learning_rate=3e-3)
+    explorer = cd.Explorer(3, 2, args, torch.device("cpu"))
+    w = torch.randn(5, 3)
+
+    def data(n, shift=0.0):
+        obs, act = torch.randn(n, 3) + shift, torch.rand(n, 2) * 2 - 1
+        return obs, act, obs + 0.1 * torch.tanh(torch.cat([obs, act], -1) @ w)
+
+    explorer.ensemble.set_statistics(*data(10_000)[::2])
+    first = None
+    for _ in range(500):
+        obs, act, nxt = data(5 * 128)
+        loss = explorer.update(obs.view(5, 128, 3), act.view(5, 128, 2), nxt.view(5, 128, 3))
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.3 * first  # the members learned the dynamics
+    on = cd.disagreement(explorer.ensemble, *data(1000)[:2]).mean()
+    off = cd.disagreement(explorer.ensemble, *data(1000, shift=6.0)[:2]).mean()
+    assert off > 10 * on, (on, off)
+
+
+def test_coverage_counts_occupied_cells():
+    rng = np.random.default_rng(0)
+    same = np.zeros((500, 6), dtype=np.float32) + 0.05  # all in one cell
+    assert cd.coverage(same)["grid_cells"] == 1 and np.allclose(cd.coverage(same)["obs_std"], 0)
+    corners = np.zeros((400, 6), dtype=np.float32)
+    corners[:, : cd.COVERAGE_DIMS] = rng.integers(0, 2, (400, cd.COVERAGE_DIMS)) * 10 * cd.COVERAGE_CELL + 0.01
+    assert cd.coverage(corners)["grid_cells"] == 2**cd.COVERAGE_DIMS  # the dimensions past COVERAGE_DIMS do not count
+    # a bigger dataset is counted on the same number of transitions
+    long = np.repeat(np.arange(3 * cd.COVERAGE_TRANSITIONS, dtype=np.float32)[:, None], 6, 1) * cd.COVERAGE_CELL
+    assert cd.coverage(long)["grid_cells"] == cd.COVERAGE_TRANSITIONS
+
+
 # ---------------------------------------------------------------- end to end
 TINY = ["--env", "cheetah-run", "--num-seeds", "1", "--train-episodes", "4", "--trajectories-per-seed", "2",
         "--warmup-episodes", "2", "--eval-every", "2", "--eval-episodes", "1"]  # fmt: skip
@@ -191,31 +240,61 @@ FAST = ["--env", "cheetah-run", "--num-seeds", "1", "--train-episodes", "12", "-
         "--hidden-dim", "32", "--batch-size", "32", "--update-every", "5", "--checkpoint-every", "1"]  # fmt: skip
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    run(*FAST, "--datasets-dir", tmp_path / "a", "--runs-dir", tmp_path / "runs_a")
-    cmd = [sys.executable, str(ROOT / "collect_data.py"), *FAST, "--datasets-dir", str(tmp_path / "b")]
+EXPLORE = ["--env", "cheetah-run", "--num-seeds", "1", "--warmup-episodes", "1", "--trajectories-per-seed", "8",
+           "--kinds", "plan2explore", "--eval-every", "3", "--hidden-dim", "32", "--batch-size", "32", "--ensemble-size",
+           "3", "--ensemble-hidden-dim", "32", "--update-every", "5", "--checkpoint-every", "1"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, checkpoint_name, kinds",
+    [(FAST, "checkpoint.pt", ("expert", "medium-replay")), (EXPLORE, "explorer_checkpoint.pt", ("plan2explore",))],
+    ids=["agent", "explorer"],
+)
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, flags, checkpoint_name, kinds):
+    run(*flags, "--datasets-dir", tmp_path / "a", "--runs-dir", tmp_path / "runs_a")
+    cmd = [sys.executable, str(ROOT / "collect_data.py"), *flags, "--datasets-dir", str(tmp_path / "b")]
     proc = subprocess.Popen(
         cmd + ["--runs-dir", str(tmp_path / "runs_b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    checkpoint = tmp_path / "b" / "cheetah-run" / ".work" / "seed_1" / "checkpoint.pt"
+    checkpoint = tmp_path / "b" / "cheetah-run" / ".work" / "seed_1" / checkpoint_name
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)  # a hard stop: no handler runs
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
-    assert not (tmp_path / "b" / "cheetah-run" / "expert.hdf5").exists()
+    assert not (tmp_path / "b" / "cheetah-run" / f"{kinds[0]}.hdf5").exists()
 
-    again = run(*FAST, "--datasets-dir", tmp_path / "b", "--runs-dir", tmp_path / "runs_b", check=False)
+    again = run(*flags, "--datasets-dir", tmp_path / "b", "--runs-dir", tmp_path / "runs_b", check=False)
     assert again.returncode != 0 and "--resume" in again.stderr  # never silently starts over
-    resumed = run(*FAST, "--datasets-dir", tmp_path / "b", "--runs-dir", tmp_path / "runs_b", "--resume")
+    resumed = run(*flags, "--datasets-dir", tmp_path / "b", "--runs-dir", tmp_path / "runs_b", "--resume")
     assert "resumed from" in resumed.stdout
-    for kind in ("expert", "medium-replay"):
+    for kind in kinds:
         with h5py.File(tmp_path / "a" / "cheetah-run" / f"{kind}.hdf5") as fa, h5py.File(
             tmp_path / "b" / "cheetah-run" / f"{kind}.hdf5"
         ) as fb:
             for k in KEYS:
                 assert np.array_equal(fa[k][:], fb[k][:]), (kind, k)
+
+
+def test_plan2explore_alone_is_the_explorers_replay_after_the_shared_warmup(tmp_path):
+    run(*EXPLORE, "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs")
+    work = tmp_path / "d" / "cheetah-run" / ".work" / "seed_1"
+    assert not (work / "checkpoint.pt").exists()  # plan2explore alone does not train the task agent
+    explorer = torch.load(work / "explorer_checkpoint.pt", weights_only=False)["episodes"]
+    assert len(explorer) == 1 + 8  # the warm-up, then trajectories-per-seed episodes
+    with h5py.File(tmp_path / "d" / "cheetah-run" / "plan2explore.hdf5") as f:
+        assert f.attrs["num_episodes"] == 8 and f.attrs["snapshot_episodes"][0] == -1
+        assert np.array_equal(f["observations"][:], np.concatenate([e[0][:-1] for e in explorer[1:]]))
+        assert np.array_equal(f["rewards"][:], np.concatenate([e[2] for e in explorer[1:]]))  # the task's rewards
+        assert f.attrs["grid_cells"] == cd.coverage(f["observations"][:])["grid_cells"]
+    assert (tmp_path / "runs" / "collect_data__cheetah-run__coverage" / "coverage.png").exists()
+    # the task agent of the same seed starts from the same warm-up episode
+    run(*FAST, "--kinds", "medium-replay", "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs", "--resume")
+    agent = torch.load(work / "checkpoint.pt", weights_only=False)["episodes"]
+    for a, b in zip(agent[0], explorer[0], strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(agent[1][1], explorer[1][1])  # after it, each agent acts on its own
 
 
 # ---------------------------------------------------------------- errors
