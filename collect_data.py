@@ -640,14 +640,19 @@ def coverage_figure(observations: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(observations), figsize=(4 * (1 + len(observations)), 3.6))
+    cols = min(3, 1 + len(observations))
+    rows = math.ceil((1 + len(observations)) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    axes = axes.ravel()  # (rows, cols) -> (rows * cols,): the spread first, then one panel per dataset
+    for ax in axes[1 + len(observations) :]:
+        ax.axis("off")
     for kind, obs in observations.items():
         axes[0].plot(obs.std(0), marker="o", label=kind)
     axes[0].set(yscale="log", xlabel="observation dimension", ylabel="std", title="spread per dimension")
     axes[0].legend(fontsize=7)
     lo = np.min([np.percentile(o[:, :2], 0.1, 0) for o in observations.values()], 0)
     hi = np.max([np.percentile(o[:, :2], 99.9, 0) for o in observations.values()], 0)
-    for ax, (kind, obs) in zip(axes[1:], observations.items(), strict=True):
+    for ax, (kind, obs) in zip(axes[1:], observations.items(), strict=False):
         sub = obs[np.linspace(0, len(obs) - 1, min(len(obs), 20_000)).round().astype(int)]
         ax.scatter(sub[:, 0], sub[:, 1], s=1, alpha=0.2)
         ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="dimension 0", ylabel="dimension 1", title=kind)

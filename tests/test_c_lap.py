@@ -32,6 +32,15 @@ def test_free_nats_clamp_the_mean_kl():
     assert loss.item() == pytest.approx(0.015, rel=1e-4)
 
 
+@pytest.mark.parametrize("module", ["c_lap", "lawm"])
+def test_free_nats_default_follows_the_paper(module):
+    default_free_nats = __import__(module).default_free_nats
+    for dataset in ("medium-replay", "plan2explore"):
+        assert default_free_nats(dataset) == 1.0
+    for dataset in ("expert", "medium", "random"):
+        assert default_free_nats(dataset) == 0.0
+
+
 def test_kl_balancing_splits_the_gradient():
     post_mean = torch.zeros(2, 3, requires_grad=True)
     prior_mean = torch.ones(2, 3, requires_grad=True)
@@ -110,6 +119,7 @@ def test_smoke_run(fake_datasets, tmp_path):
     run_dir = tmp_path / "runs" / "smoke"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [e["step"] for e in summary["evaluations"]] == [10]
+    assert summary["free_nats"] == 1.0  # the fake dataset is a medium-replay one
     # the saved world model trains a new agent without training the model again
     out = run_script("c_lap.py", *flags[:5], "smoke2", *flags[6:], "--model-steps", "10", "--agent-steps", "10",
                      "--model-checkpoint", run_dir / "model.pt")  # fmt: skip
