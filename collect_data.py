@@ -40,7 +40,7 @@ class Args:
     train_episodes: int = 600
     """episodes of online SAC training per seed; the final policy is the expert"""
     trajectories_per_seed: int = 400
-    """trajectories that each seed contributes to each dataset (the paper: 400)"""
+    """trajectories each seed adds to each dataset (the paper: 400); the explorer collects this many after its warm-up"""
     datasets_dir: str = "datasets"
     """folder the datasets are written to"""
     runs_dir: str = "runs"
@@ -64,7 +64,7 @@ class Args:
 
     # SAC (Haarnoja et al. 2018) arguments
     warmup_episodes: int = 10
-    """episodes of uniform random actions before the first update"""
+    """episodes of uniform random actions before the first update (the explorer's are the task agent's, same seed)"""
     update_every: int = 2
     """environment steps per gradient update (2: an update-to-data ratio of 0.5); updates run after each episode"""
     batch_size: int = 256
@@ -80,7 +80,7 @@ class Args:
     init_alpha: float = 0.1
     """initial entropy temperature (tuned automatically towards entropy -act_dim)"""
     eval_every: int = 10
-    """training episodes between deterministic evaluations (each one keeps a policy snapshot)"""
+    """training episodes between deterministic evaluations (each one keeps a policy snapshot); the explorer only reports"""
     eval_episodes: int = 5
     """episodes per evaluation"""
     checkpoint_every: int = 25
