@@ -460,8 +460,8 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
                 batch = [x[idx] for x in replay]
                 if explore:
                     # every member learns from its own batch; the agent's reward is the disagreement, not the task's
-                    idx = torch.randint(0, replay[0].shape[0], (args.ensemble_size, args.batch_size), device=device)
-                    model_loss = explorer.update(replay[0][idx], replay[1][idx], replay[3][idx])
+                    own = torch.randint(0, replay[0].shape[0], (args.ensemble_size, args.batch_size), device=device)
+                    model_loss = explorer.update(replay[0][own], replay[1][own], replay[3][own])  # (n, B, D) each
                     batch[2] = args.disagreement_scale * disagreement(explorer.ensemble, batch[0], batch[1])
                 metrics = agent.update(batch, args)
             if explore:
