@@ -689,13 +689,13 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
     """Concatenates the per-seed parts into one HDF5 file, written to a temporary name and renamed."""
     data = [dict(np.load(p)) for p in parts]
     keys = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+    arrays = {k: np.concatenate([d[k] for d in data]) for k in keys}
     tmp = path.with_name(path.name + ".tmp")
-    stats = return_stats(
-        np.concatenate([d["rewards"] for d in data]), np.concatenate([d["terminals"] | d["timeouts"] for d in data])
-    )
+    stats = return_stats(arrays["rewards"], arrays["terminals"] | arrays["timeouts"])
+    c = coverage(arrays["observations"])
     with h5py.File(tmp, "w") as f:
         for k in keys:
-            f.create_dataset(k, data=np.concatenate([d[k] for d in data]))
+            f.create_dataset(k, data=arrays[k])
         f.attrs.update(
             env=args.env,
             dataset=kind,
@@ -703,15 +703,16 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
             episode_length=args.episode_length,
             obs_type="proprio",
             format_version=FORMAT_VERSION,
-            collector="collect_data.py (SAC on states)",
+            collector="collect_data.py (SAC on states"
+            + (", rewarded by ensemble disagreement)" if kind == "plan2explore" else ")"),
             collector_seeds=np.array(seeds),
             git_commit=commit,
             snapshot_episodes=np.array([int(d["snapshot_episode"]) for d in data]),
             snapshot_eval_returns=np.array([float(d["snapshot_eval_return"]) for d in data]),
+            obs_std=c["obs_std"],
+            grid_cells=c["grid_cells"],
             **stats,
         )
-        c = coverage(f["observations"][:])
-        f.attrs.update(obs_std=c["obs_std"], grid_cells=c["grid_cells"])
     os.replace(tmp, path)
     return stats
 
