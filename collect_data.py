@@ -522,16 +522,18 @@ def transitions(episodes):
 
 def collect_seed(args: Args, seed: int, work: Path, device: torch.device):
     """Trains the agents of one seed and writes its share of every requested dataset to `work/{kind}.npz`."""
-    task_kinds = [kind for kind in args.kinds if kind != "plan2explore"]
-    if task_kinds:
+    todo = [kind for kind in args.kinds if not part_is_current(work / f"{kind}.npz", args)]
+    task_kinds = [kind for kind in todo if kind != "plan2explore"]
+    if task_kinds:  # the task agent is loaded or trained only when one of its kinds is still to be written
         collect_task_kinds(args, seed, work, device, task_kinds)
-    if "plan2explore" in args.kinds and not part_is_current(work / "plan2explore.npz", args):
+    if "plan2explore" in todo:
         episodes, _, _, _ = train_agent(args, seed, work, device, explore=True)
         write_part(work, "plan2explore", episodes[args.warmup_episodes :], {"episode": -1, "eval_return": float("nan")}, args)
 
 
 def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, kinds: list):
-    """The task agent and the kinds made from it: its snapshots' rollouts, its replay, and random actions."""
+    """The task agent and the `kinds` still to be written that come from it: its snapshots' rollouts, its replay,
+    and random actions."""
     episodes, snapshots, obs_dim, act_dim = train_agent(args, seed, work, device)
     expert = snapshots[-1]
     # medium: the snapshot whose evaluation return is closest to half the expert's
@@ -546,8 +548,6 @@ def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, 
     actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
     n = args.trajectories_per_seed
     for kind in kinds:
-        if part_is_current(work / f"{kind}.npz", args):
-            continue
         info = {"episode": -1, "eval_return": float("nan")}
         if kind == "medium-replay":
             # the training episodes up to the medium snapshot, evenly thinned to n when there are more
