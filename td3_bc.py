@@ -2,13 +2,17 @@
 # baseline of the LAWM paper: trained on the action-labeled trajectories only (`--labeled-fraction 1.0`
 # is the paper's "Oracle" row). Docs: docs/td3_bc.md.
 import os
+import sys
 
-os.environ.setdefault("MUJOCO_GL", "disable")  # states only: no OpenGL context is ever needed
+# states only: no OpenGL context is needed, but for --capture-video, which renders offscreen with EGL (README)
+os.environ.setdefault("MUJOCO_GL", "egl" if {"--capture-video", "--capture_video"} & set(sys.argv[1:]) else "disable")
 
+import hashlib
 import json
 import math
 import random
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +59,10 @@ class Args:
     """write the final networks and optimizers to `{run folder}/model.pt`"""
     resume: bool = False
     """continue the run `--run-name` from its last checkpoint"""
+    capture_video: bool = False
+    """render the first episode of every evaluation (offscreen MuJoCo; README) to `{run folder}/videos/` and tensorboard"""
+    video_size: int = 128
+    """height and width of the rendered frames in pixels, a multiple of 16"""
 
     # Algorithm specific arguments
     total_steps: int = 1_000_000
@@ -120,41 +128,140 @@ def rollout(env, policy, episode_length: int, action_repeat: int):
 
 
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+DATASET_ATTRS = ("env", "dataset", "action_repeat", "episode_length", "obs_type", "format_version")
+FORMAT_VERSION = 1  # the newest dataset format this file reads
+# flags a resumed run may change (how long it trains, how it evaluates and logs, where its files are): a change of
+# any other flag would make one run of two settings, so --resume refuses it
+RESUMABLE_FLAGS = ("resume", "run_name", "runs_dir", "datasets_dir", "exp_name", "cuda", "torch_deterministic", "eval_every",
+                   "eval_episodes", "save_model", "capture_video", "video_size", "log_every", "total_steps", "model_steps",
+                   "agent_steps")  # fmt: skip
 
 
-def load_dataset(args: Args) -> dict:
-    """Reads `{datasets_dir}/{env}/{dataset}.hdf5` and splits it by trajectory into labeled (D_ac) and
-    action-free (D_af) parts. The actions of D_af are replaced by NaN, so that any use of them shows up.
-    Returns the flat arrays plus `episode_starts`, `episode_ends` (exclusive), `labeled` (per transition),
-    `labeled_episodes` (0-based, file order), and the file's attributes."""
-    path = Path(args.datasets_dir) / args.env / f"{args.dataset}.hdf5"
-    if not 0 < args.labeled_fraction <= 1:
-        raise SystemExit(f"error: --labeled-fraction must be in (0, 1], got {args.labeled_fraction}")
-    if not path.exists():
+def env_dims(name: str) -> tuple[int, int]:
+    """Sizes of the flattened observation and of the action of a suite task (make_env rejects an unknown name)."""
+    env = make_env(name, 0)
+    obs_dim = sum(int(np.prod(spec.shape)) for spec in env.observation_spec().values())
+    return obs_dim, int(np.prod(env.action_spec().shape))
+
+
+def read_hdf5(path: Path, remake: str) -> tuple[dict, dict]:
+    """The arrays and attributes of a dataset file, with a one-line error for a file h5py cannot read."""
+    if not os.access(path, os.R_OK):
+        raise SystemExit(f"error: cannot read {path}: permission denied")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in DATASET_KEYS if not isinstance(f.get(k), h5py.Dataset)]
+            if missing:
+                raise SystemExit(f"error: {path} lacks the keys {', '.join(missing)}; {remake}")
+            return {k: f[k][()] for k in DATASET_KEYS}, dict(f.attrs)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py's words for a damaged file
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+    if path.is_dir():
+        raise SystemExit(f"error: {path} is a folder, not a dataset file; {remake}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head != b"\x89HDF\r\n\x1a\n":
+        what = "is empty" if not head else f"is not an HDF5 file (it starts with {head!r})"
+        raise SystemExit(f"error: {path} {what}; a download or copy cut short? copy it again or {remake}")
+    raise SystemExit(
+        f"error: {path} is truncated or damaged ({reason}); a download or copy cut short? copy it again or {remake}"
+    )
+
+
+def check_dataset(path: Path, data: dict, attrs: dict, args: Args, obs_dim: int, act_dim: int, remake: str):
+    """One-line errors for every way a dataset file can be wrong: attributes missing or of another env or kind,
+    arrays of the wrong type or shape, sizes that do not fit the env, values that are not finite or out of range,
+    and episodes that are not stored contiguously (o_{t+1} of a step is o_t of the next one inside an episode)."""
+    missing = [a for a in DATASET_ATTRS if a not in attrs]
+    if missing:
         raise SystemExit(
-            f"error: {path} not found; make it with: python collect_data.py --env {args.env} "
+            f"error: {path} lacks the attributes {', '.join(missing)} (not written by collect_data.py?); {remake}"
+        )
+    if attrs["env"] != args.env:
+        moved = Path(args.datasets_dir) / str(attrs["env"]) / path.name
+        raise SystemExit(
+            f"error: {path} holds {attrs['env']} data (its attribute env), not {args.env}: its place is {moved} "
+            f"(--env {attrs['env']}); make the {args.env} one with: python collect_data.py --env {args.env} "
             f"--kinds {args.dataset} --datasets-dir {args.datasets_dir}"
         )
-    with h5py.File(path, "r") as f:
-        missing = [k for k in DATASET_KEYS if k not in f]
-        if missing:
-            raise SystemExit(f"error: {path} lacks the keys {', '.join(missing)}")
-        data = {k: f[k][:] for k in DATASET_KEYS}
-        attrs = dict(f.attrs)
+    if attrs["dataset"] != args.dataset:
+        renamed = path.with_name(f"{attrs['dataset']}.hdf5")
+        raise SystemExit(
+            f"error: {path} holds the {attrs['dataset']} dataset (its attribute dataset), not {args.dataset}: rename it "
+            f"to {renamed} and pass --dataset {attrs['dataset']}, or {remake}"
+        )
+    if attrs["obs_type"] != "proprio":
+        raise SystemExit(f"error: {path} holds {attrs['obs_type']} observations; this file trains on proprio states")
+    if not str(attrs["format_version"]).isdigit() or int(attrs["format_version"]) > FORMAT_VERSION:
+        raise SystemExit(
+            f"error: {path} has format version {attrs['format_version']}, newer than {FORMAT_VERSION}: update this code"
+        )
+    for a in ("action_repeat", "episode_length"):
+        if not str(attrs[a]).isdigit() or int(attrs[a]) < 1:
+            raise SystemExit(f"error: {path}: attribute {a} is {attrs[a]}, not a positive integer; {remake}")
     n = len(data["rewards"])
     expected = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1, "timeouts": 1}
     for k, ndim in expected.items():
+        if data[k].dtype.kind not in "biuf":
+            raise SystemExit(f"error: {path}: {k} holds {data[k].dtype} values, not numbers; {remake}")
         if data[k].ndim != ndim or len(data[k]) != n:
-            raise SystemExit(f"error: {path}: {k} has shape {data[k].shape}, expected {ndim} dims and {n} rows")
+            raise SystemExit(f"error: {path}: {k} has shape {data[k].shape}, expected {ndim} dims and {n} rows; {remake}")
+    if n == 0:
+        raise SystemExit(f"error: {path} holds no transitions; {remake}")
     if data["next_observations"].shape != data["observations"].shape:
-        raise SystemExit(f"error: {path}: next_observations {data['next_observations'].shape} != observations")
+        raise SystemExit(f"error: {path}: next_observations {data['next_observations'].shape} != observations; {remake}")
+    for k, size in (("observations", obs_dim), ("actions", act_dim)):
+        if data[k].shape[1] != size:
+            raise SystemExit(
+                f"error: {path} has {k} of size {data[k].shape[1]}, but {args.env} has {size}: a dataset of another "
+                f"env? {remake}"
+            )
     for k in ("observations", "actions", "rewards", "next_observations"):
         if not np.isfinite(data[k]).all():
-            raise SystemExit(f"error: {path}: {k} holds NaN or inf values")
+            raise SystemExit(f"error: {path}: {k} holds NaN or inf values; {remake}")
         data[k] = data[k].astype(np.float32)
+    if np.abs(data["actions"]).max() > 1 + 1e-6:
+        raise SystemExit(f"error: {path}: actions reach {np.abs(data['actions']).max():.3g}, outside [-1, 1]; {remake}")
+    for k in ("terminals", "timeouts"):
+        if not np.isin(data[k], (0, 1)).all():
+            raise SystemExit(f"error: {path}: {k} holds values other than 0 and 1; {remake}")
     ends = data["terminals"].astype(bool) | data["timeouts"].astype(bool)
-    if n == 0 or not ends[-1]:
-        raise SystemExit(f"error: {path}: the last transition does not end an episode (terminals | timeouts)")
+    if not ends[-1]:
+        raise SystemExit(f"error: {path}: the last transition does not end an episode (terminals | timeouts); {remake}")
+    lengths = np.diff(np.r_[0, np.flatnonzero(ends) + 1])
+    if lengths.max() > int(attrs["episode_length"]):
+        raise SystemExit(
+            f"error: {path} has an episode of {lengths.max()} steps, longer than its attribute episode_length "
+            f"{attrs['episode_length']}; {remake}"
+        )
+    broken = np.flatnonzero(~ends[:-1] & (data["next_observations"][:-1] != data["observations"][1:]).any(1))
+    if len(broken):
+        raise SystemExit(
+            f"error: {path}: next_observations[{broken[0]}] is not observations[{broken[0] + 1}] inside an episode "
+            f"(rows out of order, or an episode end missing from terminals | timeouts); {remake}"
+        )
+
+
+def load_dataset(args: Args) -> dict:
+    """Reads `{datasets_dir}/{env}/{dataset}.hdf5`, checks it (check_dataset), and splits it by trajectory into
+    labeled (D_ac) and action-free (D_af) parts. The actions of D_af are replaced by NaN, so that any use of them
+    shows up. Returns the flat arrays plus `episode_starts`, `episode_ends` (exclusive), `labeled` (per
+    transition), `labeled_episodes` (0-based, file order), the file's attributes, path and `sha256` (of its arrays)."""
+    path = Path(args.datasets_dir) / args.env / f"{args.dataset}.hdf5"
+    if not 0 < args.labeled_fraction <= 1:
+        raise SystemExit(f"error: --labeled-fraction must be in (0, 1], got {args.labeled_fraction}")
+    obs_dim, act_dim = env_dims(args.env)
+    command = f"python collect_data.py --env {args.env} --kinds {args.dataset} --datasets-dir {args.datasets_dir}"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; make it with: {command}")
+    remake = f"make it again with: {command}"
+    data, attrs = read_hdf5(path, remake)
+    check_dataset(path, data, attrs, args, obs_dim, act_dim, remake)
+    sha256 = hashlib.sha256()
+    for k in DATASET_KEYS:
+        sha256.update(np.ascontiguousarray(data[k]).tobytes())
+    n = len(data["rewards"])
+    ends = data["terminals"].astype(bool) | data["timeouts"].astype(bool)
     episode_ends = np.flatnonzero(ends) + 1
     episode_starts = np.r_[0, episode_ends[:-1]]
     # the split: a permutation of the trajectories seeded by split_seed; the first k keep their actions
@@ -167,22 +274,124 @@ def load_dataset(args: Args) -> dict:
     data["actions"][~labeled] = np.nan
     data["terminals"] = data["terminals"].astype(np.float32)
     data.update(episode_starts=episode_starts, episode_ends=episode_ends, labeled=labeled, attrs=attrs)
-    data["labeled_episodes"] = labeled_episodes
+    data.update(labeled_episodes=labeled_episodes, path=path, sha256=sha256.hexdigest())
     return data
 
 
-def evaluate(args: Args, make_policy, attrs: dict, seed: int) -> np.ndarray:
+def check_split(
+    dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int, needs_action_free: bool
+):
+    """One-line errors, before any training, for a split that leaves the algorithm nothing to learn from: fewer than
+    `min_with_actions` trajectories it trains on with actions (`with_actions`), none of them `seq_len` steps long,
+    or, with `needs_action_free`, no action-free trajectory (`action_free`) of seq_len steps."""
+    script, lengths = os.path.basename(__file__), dataset["episode_ends"] - dataset["episode_starts"]
+    total = len(lengths)
+    if len(with_actions) < min_with_actions:
+        raise SystemExit(
+            f"error: {script} needs at least {min_with_actions} labeled trajectories to train on; --labeled-fraction "
+            f"{args.labeled_fraction} of {total} trajectories leaves {len(with_actions)}: raise --labeled-fraction"
+        )
+    if needs_action_free and len(action_free) == 0:
+        raise SystemExit(
+            f"error: {script} learns from action-free trajectories, and --labeled-fraction {args.labeled_fraction} "
+            f"leaves none of the {total}: lower --labeled-fraction"
+        )
+    for kind, episodes in (("labeled", with_actions), ("action-free", action_free if needs_action_free else [])):
+        longest = max(lengths[episodes], default=0)
+        if len(episodes) and longest < seq_len:
+            raise SystemExit(
+                f"error: no {kind} trajectory is {seq_len} steps long (the longest has {longest}): lower --seq-len to "
+                f"{longest} or less"
+            )
+
+
+def evaluate(args: Args, make_policy, attrs: dict, seed: int):
     """Returns of `args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh
-    `obs -> action` for each episode (so a policy with memory starts clean)."""
+    `obs -> action` for each episode (so a policy with memory starts clean). With --capture-video, also the first
+    episode rendered, {"frames": (T, size, size, 3) uint8, each frame the state an action is taken in, "fps": ...};
+    else None."""
     env = make_env(args.env, seed)
-    return np.array(
-        [rollout(env, make_policy(), int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum()
-         for _ in range(args.eval_episodes)]
-    )  # fmt: skip
+    frames = []
+
+    def filmed(policy):
+        def act(obs):
+            frames.append(render_frame(env, args.video_size))
+            return policy(obs)
+
+        return act
+
+    returns = []
+    for i in range(args.eval_episodes):
+        policy = filmed(make_policy()) if args.capture_video and i == 0 else make_policy()
+        returns.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum())
+    video = {"frames": np.stack(frames), "fps": 1 / (env.control_timestep() * int(attrs["action_repeat"]))} if frames else None
+    return np.array(returns), video
+
+
+def render_frame(env, size: int) -> np.ndarray:
+    """Camera 0 of the env, (size, size, 3) uint8, offscreen (MUJOCO_GL=egl or osmesa); without multisampling,
+    shadows, reflections and the textured sky, which makes a CPU render several times faster and the GIF in
+    tensorboard a third of the size."""
+    env.physics.model.vis.quality.offsamples = 0  # read when the first render creates the context
+    flags = {"shadow": False, "reflection": False, "skybox": False}
+    return env.physics.render(size, size, camera_id=0, render_flag_overrides=flags)
+
+
+def check_video(args: Args):
+    """With --capture-video: renders a frame and finds the video encoder, so that a machine that cannot stops with
+    one line before any training (README: rendering without a display)."""
+    if not args.capture_video:
+        return
+    if args.video_size < 16 or args.video_size % 16:
+        raise SystemExit(f"error: --video-size must be a positive multiple of 16 (the codec's block), got {args.video_size}")
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise SystemExit(f"error: --capture-video needs imageio-ffmpeg ({e}): pip install -r requirements.txt") from None
+    try:
+        env = make_env(args.env, 0)
+        env.reset()
+        render_frame(env, args.video_size)
+    except Exception as e:  # each OpenGL backend fails in its own way
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(
+            f"error: --capture-video cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({reason}); "
+            f"set MUJOCO_GL=egl or osmesa, see the README"
+        ) from None
+
+
+def write_video(writer: SummaryWriter, run_dir: Path, video: dict, step: int):
+    """An evaluation episode as `{run folder}/videos/eval_{step}.mp4` and, under tensorboard's Images, as the
+    animated GIF that SummaryWriter.add_video writes (`eval/video`), encoded here without its moviepy dependency."""
+    import io
+
+    import imageio_ffmpeg
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    frames, fps = video["frames"], video["fps"]
+    path = run_dir / "videos" / f"eval_{step}.mp4"
+    try:
+        path.parent.mkdir(exist_ok=True)
+        out = imageio_ffmpeg.write_frames(str(path), (frames.shape[2], frames.shape[1]), fps=fps, ffmpeg_log_level="error")
+        out.send(None)  # starts ffmpeg
+        for frame in frames:
+            out.send(frame)
+        out.close()
+    except (OSError, RuntimeError) as e:  # a full disk, or ffmpeg failing
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: cannot write {path} ({reason}); free some space and continue with --resume") from None
+    images = [Image.fromarray(frame) for frame in frames]
+    gif = io.BytesIO()
+    images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
 
 
 def make_run_dir(args: Args) -> Path:
-    """`runs/{run_name}`: a new folder, or the existing one with `--resume`."""
+    """`runs/{run_name}`: a new folder, or the existing one with `--resume`; either must be writable."""
     if args.resume and args.run_name is None:
         raise SystemExit("error: --resume needs --run-name, the folder of the run to continue")
     run_name = args.run_name or f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -193,8 +402,10 @@ def make_run_dir(args: Args) -> Path:
         raise SystemExit(f"error: {run_dir} holds a run already; pass --resume to continue it or pick another --run-name")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):  # a folder that is not writable would fail at the first checkpoint
+            pass
     except OSError as e:
-        raise SystemExit(f"error: cannot create {run_dir}: {e.strerror}") from None
+        raise SystemExit(f"error: cannot write to {run_dir}: {e.strerror}; pick another --runs-dir") from None
     return run_dir
 
 
@@ -203,6 +414,75 @@ def save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_safely(obj, path: Path):
+    """save_atomic, with a one-line error when the write fails (a full disk): the previous file at `path` is kept
+    and the partial one removed, so the run continues with --resume once there is room."""
+    try:
+        save_atomic(obj, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(
+            f"error: cannot write {path} ({reason}); the previous one is kept: free some space and continue with "
+            f"--resume --run-name {path.parent.name}"
+        ) from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint or model file read on the CPU (torch.load with weights_only), with a one-line error for a
+    missing, truncated or foreign file."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch reports a truncated archive, a foreign pickle, ... each in its own way
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: {path} cannot be read as a checkpoint ({reason}); a copy cut short?") from None
+    if not isinstance(state, dict):
+        raise SystemExit(f"error: {path} is not a checkpoint of this code")
+    return state
+
+
+def run_settings(args: Args, dataset: dict) -> dict:
+    """What a checkpoint records of the run that writes it, and checks when the run is resumed or its model reused:
+    the script, every flag, the dataset file's content (sha256), and the flags changed on resuming."""
+    return {"script": os.path.basename(__file__), "args": asdict(args), "dataset_sha256": dataset["sha256"], "changes": []}
+
+
+def check_settings(path: Path, state: dict, args: Args, dataset: dict, same) -> list:
+    """Compares the settings a checkpoint records (`state`, read from `path`) with this run's. Refuses, in one line
+    naming the differences, a checkpoint of another script, with other values of the flags in `same`, or of other
+    data; returns the other flags that differ, as `--flag old -> new`."""
+    settings, script = state.get("settings"), os.path.basename(__file__)
+    if not isinstance(settings, dict):
+        raise SystemExit(f"error: {path} records no settings (an older version of the code wrote it): start a new run")
+    if settings["script"] != script:
+        raise SystemExit(f"error: {path} was written by {settings['script']}, not {script}: pass one of {script}")
+    saved, now, flag = settings["args"], asdict(args), lambda k: "--" + k.replace("_", "-")
+    differ = [k for k in now if k not in ("resume", "run_name") and (k not in saved or saved[k] != now[k])]
+    refused = [f"{flag(k)} {saved.get(k)} (this run: {now[k]})" for k in differ if k in same]
+    if refused:
+        raise SystemExit(f"error: {path} was made with {', '.join(refused)}: pass the same values, or do without it")
+    if settings["dataset_sha256"] != dataset["sha256"]:
+        raise SystemExit(
+            f"error: {path} was made from other data than {dataset['path']} holds now (the file changed since): "
+            f"start a new run"
+        )
+    return [f"{flag(k)} {saved.get(k)} -> {now[k]}" for k in differ if k not in same]
+
+
+def resume_settings(run_dir: Path, args: Args, dataset: dict) -> tuple[dict, dict]:
+    """The checkpoint of the run to continue, and the settings to record from now on: a change of a flag outside
+    RESUMABLE_FLAGS is refused, a change of one of them is printed and recorded."""
+    path = run_dir / "checkpoint.pt"
+    state = load_checkpoint(path)
+    changes = check_settings(path, state, args, dataset, [k for k in asdict(args) if k not in RESUMABLE_FLAGS])
+    if changes:
+        print(f"resuming with changed flags: {', '.join(changes)}")
+    settings = state["settings"] | {"args": asdict(args), "changes": state["settings"]["changes"] + changes}
+    return state, settings
 
 
 def git_commit() -> str:
@@ -216,7 +496,8 @@ def git_commit() -> str:
 
 
 def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, commit: str, **extra):
-    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings."""
+    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings. Written to
+    a temporary file and renamed, so a summary.json that exists is complete."""
     returns = [r for _, r in evals]
     summary = {
         "final_return": returns[-1],
@@ -228,7 +509,16 @@ def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, comm
         "git_commit": commit,
         **extra,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path, tmp = run_dir / "summary.json", run_dir / "summary.json.tmp"
+    try:
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(
+            f"error: cannot write {path} ({e.strerror}); the checkpoint is kept: free some space and write it with "
+            f"--resume --run-name {run_dir.name}"
+        ) from None
 
 
 def compute_mean_std(observations: np.ndarray, eps: float = 1e-3):
@@ -314,8 +604,12 @@ if __name__ == "__main__":
     for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "policy_freq"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    # every input is checked before any work: the dataset, the split, rendering, the run folder, the checkpoint
     dataset = load_dataset(args)
+    check_split(dataset, args, dataset["labeled_episodes"], [], 1, min_with_actions=1, needs_action_free=False)
+    check_video(args)
     run_dir = make_run_dir(args)
+    state, settings = resume_settings(run_dir, args, dataset) if args.resume else (None, run_settings(args, dataset))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -349,7 +643,6 @@ if __name__ == "__main__":
 
     start_step, evals = 0, []
     if args.resume:
-        state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location=device)
         for k, net in nets.items():
             net.load_state_dict(state[k])
         start_step, evals = state["step"], [tuple(e) for e in state["evals"]]
@@ -389,7 +682,9 @@ if __name__ == "__main__":
             writer.add_scalar("charts/SPS", sps, step + 1)
             writer.add_scalar("charts/progress", (step + 1) / args.total_steps, step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            returns = evaluate(args, lambda: act, dataset["attrs"], seed=args.seed + step + 1)
+            returns, video = evaluate(args, lambda: act, dataset["attrs"], seed=args.seed + step + 1)
+            if video is not None:
+                write_video(writer, run_dir, video, step + 1)
             evals.append((step + 1, float(returns.mean())))
             writer.add_scalar("eval/episodic_return", returns.mean(), step + 1)
             writer.add_scalar("eval/normalized_score", returns.mean() / 10, step + 1)
@@ -401,12 +696,12 @@ if __name__ == "__main__":
                 flush=True,
             )
             state = {k: net.state_dict() for k, net in nets.items()}
-            state.update(step=step + 1, evals=evals, torch_rng=torch.get_rng_state())
-            save_atomic(state, run_dir / "checkpoint.pt")
+            state.update(step=step + 1, evals=evals, torch_rng=torch.get_rng_state(), settings=settings)
+            save_safely(state, run_dir / "checkpoint.pt")
 
-    write_summary(run_dir, args, evals, dataset["labeled_episodes"], commit)
+    write_summary(run_dir, args, evals, dataset["labeled_episodes"], commit, flag_changes=settings["changes"])
     if args.save_model:
-        stats = {"obs_mean": torch.as_tensor(mean), "obs_std": torch.as_tensor(std)}
-        save_atomic({k: net.state_dict() for k, net in nets.items()} | stats, run_dir / "model.pt")
+        stats = {"obs_mean": torch.as_tensor(mean), "obs_std": torch.as_tensor(std), "settings": settings}
+        save_safely({k: net.state_dict() for k, net in nets.items()} | stats, run_dir / "model.pt")
     writer.close()
     print(f"final normalized score {evals[-1][1] / 10:.1f} (best {max(r for _, r in evals) / 10:.1f}); see {run_dir}")

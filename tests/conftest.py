@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic datasets in the format collect_data.py writes (SPEC §3)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,12 @@ def fake_datasets(tmp_path):
     """`{tmp}/datasets/cheetah-run/medium-replay.hdf5` with 20 episodes of 50 steps."""
     write_dataset(tmp_path / "datasets" / "cheetah-run" / "medium-replay.hdf5")
     return tmp_path / "datasets"
+
+
+def rendering_env() -> dict:
+    """The environment for a run that renders (--capture-video): without the MUJOCO_GL=disable that importing a
+    script in the test process set, so the script picks its own backend (EGL), as it does from a shell."""
+    return {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
 
 
 def run_script(script: str, *flags, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

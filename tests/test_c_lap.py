@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import rendering_env, run_script
 
 import c_lap
 
@@ -115,8 +115,10 @@ def test_smoke_run(fake_datasets, tmp_path):
              "--labeled-fraction", "0.5", "--batch-size", "4", "--seq-len", "10", "--deter-dim", "32",
              "--stoch-dim", "4", "--hidden-dim", "32", "--horizon", "3", "--log-every", "5", "--eval-every", "10",
              "--eval-episodes", "1"]  # fmt: skip
-    run_script("c_lap.py", *flags, "--model-steps", "10", "--agent-steps", "10", "--save-model")
+    run_script("c_lap.py", *flags, "--model-steps", "10", "--agent-steps", "10", "--save-model", "--capture-video",
+               "--video-size", "32", env=rendering_env())  # fmt: skip
     run_dir = tmp_path / "runs" / "smoke"
+    assert (run_dir / "videos" / "eval_10.mp4").stat().st_size > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [e["step"] for e in summary["evaluations"]] == [10]
     assert summary["free_nats"] == 1.0  # the fake dataset is a medium-replay one

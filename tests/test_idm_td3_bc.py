@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import rendering_env, run_script
 
 import idm_td3_bc
 
@@ -26,9 +26,11 @@ def test_smoke_run_idm_learns_and_labels(fake_datasets, tmp_path):
     out = run_script(
         "idm_td3_bc.py", "--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "smoke",
         "--labeled-fraction", "0.5", "--idm-steps", "1500", "--idm-eval-every", "100", "--total-steps", "100",
-        "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1",
+        "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1", "--capture-video", "--video-size", "32",
+        env=rendering_env(),
     )  # fmt: skip
     summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    assert (tmp_path / "runs" / "smoke" / "videos" / "eval_100.mp4").stat().st_size > 0
     # the synthetic actions are a smooth function of (o_t, o_{t+1}): a working IDM recovers most of them
     assert summary["idm_val_r2"] > 0.5, out.stdout
     assert summary["idm_val_mse"] < 0.1

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, write_dataset
+from conftest import ROOT, rendering_env, run_script, write_dataset
 
 import c_lap
 import lawm
@@ -167,9 +167,10 @@ def test_smoke_run_resume_and_model_reuse(fake_datasets, tmp_path):
     assert re.search(r"9 trajectories with actions .* 11 without .* 1 of them labeled .* 1 of 4 windows", out.stdout)
     out = run_script(
         "lawm.py", *flags, "--run-name", "r", "--eval-every", "5", "--model-steps", "10", "--agent-steps", "10",
-        "--resume", "--save-model",
+        "--resume", "--save-model", "--capture-video", "--video-size", "32", env=rendering_env(),
     )  # fmt: skip
     assert "at model step 5, agent step 5" in out.stdout and "model step 10/10" in out.stdout
+    assert [p.name for p in (tmp_path / "runs" / "r" / "videos").iterdir()] == ["eval_10.mp4"]  # from the resumed part
     assert "actions recovered by the IDM" in out.stdout
     run_dir = tmp_path / "runs" / "r"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -156,17 +156,32 @@ def test_smoke_run_resume_and_summary(fake_datasets, tmp_path):
     flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "smoke",
              "--labeled-fraction", "0.5", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1"]  # fmt: skip
     run_script("td3_bc.py", *flags, "--total-steps", "100")
+    run_dir = tmp_path / "runs" / "smoke"
     again = run_script("td3_bc.py", *flags, "--total-steps", "200", check=False)
     assert again.returncode != 0 and "--resume" in again.stderr
+    # a resumed run refuses other settings than its own, naming them
+    other = run_script("td3_bc.py", *flags, "--total-steps", "200", "--resume", "--alpha", "3", check=False)
+    message = f"error: {run_dir / 'checkpoint.pt'} was made with --alpha 2.5 (this run: 3.0): pass the same values"
+    assert other.stderr.strip().startswith(message) and "\n" not in other.stderr.strip()
+    # a full disk while the next checkpoint is written: one line, and the previous checkpoint survives
+    (run_dir / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    full = run_script("td3_bc.py", *flags, "--total-steps", "200", "--resume", check=False)
+    assert (
+        full.stderr.strip().startswith(f"error: cannot write {run_dir / 'checkpoint.pt'} (") and "Traceback" not in full.stderr
+    )
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 100
     out = run_script("td3_bc.py", *flags, "--total-steps", "200", "--resume", "--save-model")
-    assert "resumed" in out.stdout
-    run_dir = tmp_path / "runs" / "smoke"
+    assert (
+        "resumed" in out.stdout
+        and "resuming with changed flags: --save-model False -> True, --total-steps 100 -> 200" in out.stdout
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [e["step"] for e in summary["evaluations"]] == [100, 200]
+    assert summary["flag_changes"] == ["--save-model False -> True", "--total-steps 100 -> 200"]  # recorded
     assert summary["final_normalized_score"] == pytest.approx(summary["final_return"] / 10)
     assert len(summary["labeled_episodes"]) == 10 and summary["args"]["labeled_fraction"] == 0.5
     for key in ("best_normalized_score", "git_commit"):
         assert key in summary
     state = torch.load(run_dir / "model.pt", weights_only=True)
-    assert {"actor", "critic", "actor_optimizer", "obs_mean"} <= set(state)
+    assert {"actor", "critic", "actor_optimizer", "obs_mean", "settings"} <= set(state)
     assert list(run_dir.glob("events.out.tfevents.*"))
