@@ -8,6 +8,7 @@ import sys
 os.environ.setdefault("MUJOCO_GL", "egl" if {"--capture-video", "--capture_video"} & set(sys.argv[1:]) else "disable")
 
 import hashlib
+import io
 import json
 import math
 import random
@@ -387,8 +388,6 @@ def check_video(args: Args):
 def write_video(writer: SummaryWriter, run_dir: Path, video: dict, step: int):
     """An evaluation episode as `{run folder}/videos/eval_{step}.mp4` and, under tensorboard's Images, as the
     animated GIF that SummaryWriter.add_video writes (`eval/video`), encoded here without its moviepy dependency."""
-    import io
-
     import imageio_ffmpeg
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -431,23 +430,22 @@ def make_run_dir(args: Args) -> Path:
     return run_dir
 
 
-def save_atomic(obj, path: Path):
-    """torch.save to a temporary file, then rename: an interruption leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_safely(obj, path: Path):
-    """save_atomic, with a one-line error when the write fails (a full disk): the previous file at `path` is kept
-    and the partial one removed, so the run continues with --resume once there is room."""
+    """torch.save to a temporary file, then rename: an interruption leaves the old file or the new one. A write that
+    fails (a full disk) stops the run with one line; the previous file is kept and the partial one removed, so the
+    run continues with --resume once there is room."""
+    tmp, buffer = path.with_name(path.name + ".tmp"), io.BytesIO()
+    torch.save(obj, buffer)  # in memory first: a failed write is then an OSError that names its cause
     try:
-        save_atomic(obj, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())  # a disk that fills up late says so here, before the rename
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise SystemExit(
-            f"error: cannot write {path} ({reason}); the previous one is kept: free some space and continue with "
+            f"error: cannot write {path} ({e.strerror}); the previous one is kept: free some space and continue with "
             f"--resume --run-name {path.parent.name}"
         ) from None
 

@@ -84,6 +84,14 @@ def test_unreadable_files(tmp_path, damage, expected):
     assert expected in message and "python collect_data.py --env cheetah-run --kinds medium-replay" in message
 
 
+def test_unreadable_file_permissions(fake_datasets, monkeypatch):
+    monkeypatch.setattr(td3_bc.os, "access", lambda path, mode: False)  # what a file of another user answers (not root)
+    assert (
+        load_error(fake_datasets)
+        == f"error: cannot read {fake_datasets / 'cheetah-run' / 'medium-replay.hdf5'}: permission denied"
+    )
+
+
 def edit(p: Path, change):
     """A valid dataset file, then `change(f)` on it, opened for writing."""
     write_dataset(p)
@@ -329,7 +337,7 @@ def test_full_disk_keeps_the_previous_files(tmp_path):
     (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")  # the next write fills the disk
     with pytest.raises(SystemExit) as e:
         td3_bc.save_safely({"step": 2}, path)
-    assert str(e.value).startswith(f"error: cannot write {path} (") and "the previous one is kept" in str(e.value)
+    assert str(e.value).startswith(f"error: cannot write {path} (No space left on device); the previous one is kept")
     assert torch.load(path, weights_only=True) == {"step": 1} and not (tmp_path / "checkpoint.pt.tmp").exists()
     args = td3_bc.Args()
     td3_bc.write_summary(tmp_path, args, [(1, 10.0)], [0], "c")

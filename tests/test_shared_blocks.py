@@ -44,6 +44,6 @@ def test_algorithms_share_the_loader_and_evaluation(script):
         "evaluate",
         "make_run_dir",
         "write_summary",
-        "save_atomic",
+        "save_safely",
     ):
         assert shared in names
