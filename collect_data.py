@@ -27,6 +27,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 KINDS = ("expert", "medium", "medium-replay", "random", "plan2explore")
 FORMAT_VERSION = 1
+PART_VERSION = 2  # how a seed's share is drawn from its agent; a part of another version is redrawn from the checkpoint
+# Appendix E: the paper's Dreamer agents trained for 3,000 episodes per seed (1,500 on walker-walk)
+PAPER_TRAIN_EPISODES = {"cheetah-run": 3000, "hopper-stand": 3000, "walker-walk": 1500}
+# our choice: an update-to-data ratio low enough that SAC reaches half the expert's return only after 400+ episodes
+# (at 0.5, SAC got there at episode 230 on cheetah-run and 80 on walker-walk: medium-replay would be too small)
+UPDATE_EVERY = {"cheetah-run": 10, "hopper-stand": 10, "walker-walk": 20}
 
 
 @dataclass
@@ -37,8 +43,9 @@ class Args:
     """which datasets to write; each becomes `{datasets_dir}/{env}/{kind}.hdf5`"""
     num_seeds: int = 5
     """number of SAC agents (seeds `seed`, `seed+1`, ...); each adds `trajectories_per_seed` to every dataset"""
-    train_episodes: int = 600
-    """episodes of online SAC training per seed; the final policy is the expert"""
+    train_episodes: int | None = None
+    """episodes of online SAC training per seed (the paper's, Appendix E: 3000 for cheetah-run and hopper-stand,
+    1500 for walker-walk; 3000 for other tasks); the agent at the end of training is the expert"""
     trajectories_per_seed: int = 400
     """trajectories each seed adds to each dataset (the paper: 400); the explorer collects this many after its warm-up"""
     datasets_dir: str = "datasets"
@@ -47,6 +54,10 @@ class Args:
     """folder of the tensorboard logs of the SAC agents"""
     seed: int = 1
     """seed of the first agent"""
+    assemble: bool = True
+    """write the datasets after the seeds are done; `--no-assemble` only trains the seeds and writes their shares, so
+    that seeds can be collected in parallel processes (`--seed 2 --num-seeds 1 --no-assemble --resume`) and
+    assembled by one more run over all of them (`--num-seeds 2 --resume`)"""
     resume: bool = False
     """continue an interrupted collection from its last checkpoint (in `{datasets_dir}/{env}/.work`)"""
     overwrite: bool = False
@@ -65,8 +76,12 @@ class Args:
     # SAC (Haarnoja et al. 2018) arguments
     warmup_episodes: int = 10
     """episodes of uniform random actions before the first update (the explorer's are the task agent's, same seed)"""
-    update_every: int = 2
-    """environment steps per gradient update (2: an update-to-data ratio of 0.5); updates run after each episode"""
+    update_every: int | None = None
+    """environment steps per gradient update of the task agent (10: an update-to-data ratio of 0.1); updates run after
+    each episode. Default per env: 10 for cheetah-run and hopper-stand, 20 for walker-walk, 10 for other tasks. It sets
+    the learning pace: slow enough that the agent reaches half the expert's return only after 400+ episodes"""
+    explorer_update_every: int = 2
+    """environment steps per gradient update of the explorer (and of its ensemble) for plan2explore"""
     batch_size: int = 256
     """transitions per gradient update"""
     hidden_dim: int = 256
@@ -353,6 +368,24 @@ class Explorer:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+class ReplayBuffer:
+    """Every transition an agent collected, as preallocated flat tensors filled episode by episode (a copy of the
+    whole replay per episode would cost O(episodes^2) over 3,000 episodes)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        dims = (obs_dim, act_dim, None, obs_dim, None)  # obs, actions, rewards, next_obs, terminals
+        self.storage = [torch.empty((capacity,) if d is None else (capacity, d), device=device) for d in dims]
+        self.size = 0
+
+    def add(self, episode):
+        for buf, x in zip(self.storage, next(transitions([episode])), strict=True):
+            buf[self.size : self.size + len(x)] = torch.as_tensor(x)
+        self.size += len(episode[1])
+
+    def data(self) -> list:
+        return [buf[: self.size] for buf in self.storage]
+
+
 def policy_fn(actor: TanhGaussianActor, device: torch.device, deterministic: bool):
     """Wraps the actor as `obs (np) -> action (np)`: the tanh of the mean, or a sample."""
 
@@ -438,30 +471,34 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
     rng = np.random.default_rng(seed)  # the warm-up's random actions
     if checkpoint.exists():
         rng.bit_generator.state = state["warmup_rng"]
-    updates_per_episode = args.episode_length // args.update_every
+    updates_per_episode = args.episode_length // (args.explorer_update_every if explore else args.update_every)
+    # the replay as flat tensors filled episode by episode: sampling is one randint and five gathers
+    replay = ReplayBuffer(total_episodes * args.episode_length, obs_dim, act_dim, device)
+    for episode in episodes:
+        replay.add(episode)
     t0, episode0 = time.time(), start
     for episode in range(start, total_episodes):
         warmup = episode < args.warmup_episodes
         policy = random_policy(rng, act_dim) if warmup else actor_policy
         obs, actions, rewards, terminal = rollout(env, policy, args.episode_length, args.action_repeat)
         episodes.append((obs, actions, rewards, terminal))
+        replay.add(episodes[-1])
         writer.add_scalar("charts/episodic_return", rewards.sum(), episode)
         if explore and not warmup:  # how new this episode was to the ensemble that chose its actions
             o, a = torch.as_tensor(obs[:-1], device=device), torch.as_tensor(actions, device=device)
             writer.add_scalar("explore/episode_disagreement", disagreement(explorer.ensemble, o, a).mean().item(), episode)
 
         if not warmup:
-            # the replay as flat tensors, rebuilt per episode: sampling is then one randint and four gathers
-            replay = [torch.as_tensor(np.concatenate(x), device=device) for x in zip(*transitions(episodes), strict=True)]
+            data = replay.data()  # [obs, actions, rewards, next_obs, terminals], views of the filled rows
             if explore:
-                explorer.ensemble.set_statistics(replay[0], replay[3])
+                explorer.ensemble.set_statistics(data[0], data[3])
             for _ in range(updates_per_episode):
-                idx = torch.randint(0, replay[0].shape[0], (args.batch_size,), device=device)
-                batch = [x[idx] for x in replay]
+                idx = torch.randint(0, replay.size, (args.batch_size,), device=device)
+                batch = [x[idx] for x in data]
                 if explore:
                     # every member learns from its own batch; the agent's reward is the disagreement, not the task's
-                    own = torch.randint(0, replay[0].shape[0], (args.ensemble_size, args.batch_size), device=device)
-                    model_loss = explorer.update(replay[0][own], replay[1][own], replay[3][own])  # (n, B, D) each
+                    own = torch.randint(0, replay.size, (args.ensemble_size, args.batch_size), device=device)
+                    model_loss = explorer.update(data[0][own], data[1][own], data[3][own])  # (n, B, D) each
                     batch[2] = args.disagreement_scale * disagreement(explorer.ensemble, batch[0], batch[1])
                 metrics = agent.update(batch, args)
             if explore:
@@ -505,9 +542,10 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
 
 def sac_config(args: Args, explore: bool = False) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
-    keep = ("env", "action_repeat", "episode_length", "warmup_episodes", "update_every")
+    keep = ("env", "action_repeat", "episode_length", "warmup_episodes")
     keep += ("batch_size", "hidden_dim", "learning_rate", "gamma", "tau", "init_alpha")
-    keep += ("ensemble_size", "ensemble_hidden_dim", "disagreement_scale") if explore else ("eval_every", "eval_episodes")
+    keep += ("explorer_update_every", "ensemble_size", "ensemble_hidden_dim", "disagreement_scale") if explore else ()
+    keep += () if explore else ("update_every", "eval_every", "eval_episodes")
     return {k: getattr(args, k) for k in keep}
 
 
@@ -532,47 +570,65 @@ def collect_seed(args: Args, seed: int, work: Path, device: torch.device):
 
 
 def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, kinds: list):
-    """The task agent and the `kinds` still to be written that come from it: its snapshots' rollouts, its replay,
+    """The task agent and the `kinds` still to be written that come from it: windows of its training episodes,
     and random actions."""
     episodes, snapshots, obs_dim, act_dim = train_agent(args, seed, work, device)
-    expert = snapshots[-1]
-    # medium: the snapshot whose evaluation return is closest to half the expert's
-    medium = min(snapshots, key=lambda s: abs(s["eval_return"] - expert["eval_return"] / 2))
+    picks = pick_training_episodes(snapshots, len(episodes), args.warmup_episodes, args.trajectories_per_seed)
+    expert, medium = picks["expert_snapshot"], picks["medium_snapshot"]
     print(
-        f"seed {seed}: expert snapshot at episode {expert['episode']} (eval {expert['eval_return']:.1f}), "
-        f"medium at episode {medium['episode']} (eval {medium['eval_return']:.1f})"
+        f"seed {seed}: expert at episode {expert['episode']} (eval {expert['eval_return']:.1f}), first at half of it "
+        f"(medium) at episode {medium['episode']} (eval {medium['eval_return']:.1f}), first at 90% of it at episode "
+        f"{picks['episodes_to_expert']}"
     )
-    env = make_env(args.env, seed + 20_000)
+    if picks["episodes_to_half_expert"] < args.trajectories_per_seed and "medium-replay" in kinds:
+        print(
+            f"warning: seed {seed} reached half the expert's return after {picks['episodes_to_half_expert']} episodes; "
+            f"medium-replay gets {picks['episodes_to_half_expert']} of its {args.trajectories_per_seed} trajectories "
+            "(a larger --update-every slows the agent down)"
+        )
+    curve = {"eval_episodes": [s["episode"] for s in snapshots], "eval_returns": [s["eval_return"] for s in snapshots]}
+    curve.update({k: picks[k] for k in ("episodes_to_half_expert", "episodes_to_expert")})
     rng = np.random.default_rng(seed + 20_000)
-    torch.manual_seed(seed + 20_000)
-    actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim).to(device)
-    n = args.trajectories_per_seed
+    env = make_env(args.env, seed + 20_000)
     for kind in kinds:
-        info = {"episode": -1, "eval_return": float("nan")}
-        if kind == "medium-replay":
-            # the training episodes up to the medium snapshot, evenly thinned to n when there are more
-            replay = episodes[: medium["episode"]]
-            if len(replay) < n:
-                print(
-                    f"warning: seed {seed} has only {len(replay)} training episodes up to the medium snapshot; "
-                    f"medium-replay gets {len(replay)} of its {n} trajectories from it (train longer for more)"
-                )
-            picked = np.unique(np.linspace(0, len(replay) - 1, min(n, len(replay))).round().astype(int))
-            chosen = [replay[i] for i in picked]
-            info = {"episode": medium["episode"], "eval_return": medium["eval_return"]}
+        if kind == "random":
+            policy = random_policy(rng, act_dim)
+            chosen = [rollout(env, policy, args.episode_length, args.action_repeat) for _ in range(args.trajectories_per_seed)]
+            info = {"episode": -1, "eval_return": float("nan")}
         else:
-            if kind == "random":
-                policy = random_policy(rng, act_dim)
-            else:
-                snapshot = expert if kind == "expert" else medium
-                actor.load_state_dict(snapshot["actor"])
-                policy = policy_fn(actor, device, deterministic=False)  # the behaviour policy samples, as in training
-                info = {"episode": snapshot["episode"], "eval_return": snapshot["eval_return"]}
-            chosen = [rollout(env, policy, args.episode_length, args.action_repeat) for _ in range(n)]
-        write_part(work, kind, chosen, info, args)
+            snapshot = expert if kind == "expert" else medium
+            chosen = [episodes[i] for i in picks[kind]]
+            info = {"episode": snapshot["episode"], "eval_return": snapshot["eval_return"]}
+        write_part(work, kind, chosen, info, args, curve)
 
 
-def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args):
+def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: int) -> dict:
+    """Which training episodes (0-based indices) make each kind of one seed. The paper gathers trajectories "while
+    training an agent to expert-level performance" and extracts 400 per seed "with the specified characteristic";
+    we read the characteristic as the level of the policy that acted, not as the luck of one episode:
+    - the expert snapshot is the final one; the medium snapshot the first whose evaluation reaches half of it;
+    - expert: the last `n` training episodes (the agent at the end of training);
+    - medium: `n` consecutive training episodes centred on the medium snapshot (after the warm-up);
+    - medium-replay: the training episodes before the medium snapshot (warm-up included), evenly thinned to `n`.
+    Also returns the snapshots and the episodes needed to reach half of the expert's and 90% of it."""
+    expert = snapshots[-1]
+    medium = next(s for s in snapshots if s["eval_return"] >= expert["eval_return"] / 2)
+    near_expert = next(s for s in snapshots if s["eval_return"] >= 0.9 * expert["eval_return"])
+    m = medium["episode"]  # episodes 0 .. m-1 were collected before the medium snapshot was taken
+    start = min(max(warmup, m - n // 2), max(warmup, num_episodes - n))
+    before = np.unique(np.linspace(0, m - 1, min(n, m)).round().astype(int))
+    return {
+        "expert": list(range(max(warmup, num_episodes - n), num_episodes)),
+        "medium": list(range(start, min(num_episodes, start + n))),
+        "medium-replay": [int(i) for i in before],
+        "expert_snapshot": expert,
+        "medium_snapshot": medium,
+        "episodes_to_half_expert": m,
+        "episodes_to_expert": near_expert["episode"],
+    }
+
+
+def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args, curve: dict | None = None):
     """One seed's share of a dataset, `work/{kind}.npz`: the chosen episodes as flat transitions."""
     arrays = [np.concatenate(x) for x in zip(*transitions(chosen), strict=True)]
     lengths = np.array([len(e[1]) for e in chosen])
@@ -592,6 +648,8 @@ def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args):
         snapshot_eval_return=info["eval_return"],
         train_episodes=args.train_episodes,
         trajectories_per_seed=args.trajectories_per_seed,
+        part_version=PART_VERSION,
+        **{k: np.asarray(v) for k, v in (curve or {}).items()},  # the task agent's learning curve, for the docs
     )
     os.replace(tmp, work / f"{kind}.npz")
     print(f"wrote {len(chosen)} {kind} trajectories to {work / f'{kind}.npz'}")
@@ -605,6 +663,7 @@ def part_is_current(path: Path, args: Args) -> bool:
         return (
             int(part["train_episodes"]) == args.train_episodes
             and int(part["trajectories_per_seed"]) == args.trajectories_per_seed
+            and int(part.get("part_version", 1)) == PART_VERSION
         )
 
 
@@ -727,10 +786,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def resolve_defaults(args: Args) -> Args:
+    """Fills the per-env defaults of the flags left unset (`--train-episodes`, `--update-every`)."""
+    if args.train_episodes is None:
+        args.train_episodes = PAPER_TRAIN_EPISODES.get(args.env, 3000)
+    if args.update_every is None:
+        args.update_every = UPDATE_EVERY.get(args.env, 10)
+    return args
+
+
 def check_args(args: Args):
     """One-line errors for a user's mistakes, before any work starts."""
     positive = ("num_seeds", "train_episodes", "trajectories_per_seed", "action_repeat", "episode_length")
-    positive += ("update_every", "batch_size", "hidden_dim", "eval_every", "eval_episodes", "checkpoint_every")
+    positive += ("update_every", "explorer_update_every", "batch_size", "hidden_dim", "eval_every", "eval_episodes")
+    positive += ("checkpoint_every",)
     positive += ("ensemble_size", "ensemble_hidden_dim")
     for name in positive:
         if getattr(args, name) < 1:
@@ -739,26 +808,28 @@ def check_args(args: Args):
         raise SystemExit(f"error: --warmup-episodes must be in [0, --train-episodes), got {args.warmup_episodes}")
     if args.disagreement_scale <= 0:
         raise SystemExit(f"error: --disagreement-scale must be positive, got {args.disagreement_scale}")
-    if args.episode_length % args.update_every:
-        raise SystemExit("error: --episode-length must be a multiple of --update-every")
+    for name in ("update_every", "explorer_update_every"):
+        if args.episode_length % getattr(args, name):
+            flag = name.replace("_", "-")
+            raise SystemExit(f"error: --episode-length ({args.episode_length}) must be a multiple of --{flag}")
     if not args.kinds:
         raise SystemExit(f"error: --kinds needs at least one of {', '.join(KINDS)}")
     make_env(args.env, 0)  # exits with the list of valid names
     out = Path(args.datasets_dir) / args.env
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test_{os.getpid()}"  # per process: parallel seeds probe the same folder
         probe.touch()
         probe.unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write to {out}: {e.strerror}") from None
     existing = [str(out / f"{k}.hdf5") for k in args.kinds if (out / f"{k}.hdf5").exists()]
-    if existing and not args.overwrite:
+    if existing and args.assemble and not args.overwrite:
         raise SystemExit(f"error: {', '.join(existing)} exists; pass --overwrite to replace it")
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = resolve_defaults(tyro.cli(Args))
     commit = git_commit()  # recorded at the start: the code that runs, whatever changes later
     check_args(args)
     torch.backends.cudnn.deterministic = args.torch_deterministic
@@ -778,6 +849,9 @@ if __name__ == "__main__":
         if not all(part_is_current(work / f"{kind}.npz", args) for kind in args.kinds):
             collect_seed(args, seed, work, device)
         print(f"seed {seed} done after {(time.time() - start) / 60:.1f} min", flush=True)
+    if not args.assemble:
+        print(f"seeds {seeds} done; assemble the datasets with a run over every seed without --no-assemble")
+        sys.exit(0)
 
     print(
         f"\n{args.env}: {'dataset':<14} {'episodes':>8} {'mean':>7} {'std':>6} {'min':>7} {'p25':>7} "

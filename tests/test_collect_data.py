@@ -23,7 +23,7 @@ KEYS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32
 
 def run(*flags, check=True, **kwargs):
     cmd = [sys.executable, str(ROOT / "collect_data.py"), *map(str, flags)]
-    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)  # a mistake must not run for hours
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{out.stdout}\n{out.stderr}")
     return out
@@ -303,7 +303,7 @@ def test_plan2explore_alone_is_the_explorers_replay_after_the_shared_warmup(tmp_
     [
         (["--env", "cheetah-fly"], "unknown env 'cheetah-fly'; valid names: acrobot-swingup"),
         (["--num-seeds", "0"], "--num-seeds must be at least 1"),
-        (["--warmup-episodes", "700"], "--warmup-episodes must be in"),
+        (["--train-episodes", "100", "--warmup-episodes", "700"], "--warmup-episodes must be in"),
         (["--kinds", "expert", "--datasets-dir", "/dev/null/datasets"], "cannot write to /dev/null/datasets"),
     ],
 )
@@ -326,3 +326,59 @@ def test_a_finished_collection_can_be_extended(tmp_path):
     assert torch.load(checkpoint, weights_only=False)["episode"] == 15
     with h5py.File(tmp_path / "d" / "cheetah-run" / "expert.hdf5") as f:
         assert f.attrs["snapshot_episodes"][0] == 15  # the expert is the extended agent's final policy
+
+
+# ---------------------------------------------------------------- paper scale (issue 11)
+def test_per_env_defaults_follow_appendix_e():
+    for env, episodes in [("cheetah-run", 3000), ("hopper-stand", 3000), ("walker-walk", 1500), ("cartpole-swingup", 3000)]:
+        args = cd.resolve_defaults(cd.Args(env=env))
+        assert args.train_episodes == episodes and args.trajectories_per_seed == 400
+        assert args.episode_length % args.update_every == 0 and args.update_every >= 10
+    args = cd.resolve_defaults(cd.Args(env="walker-walk", train_episodes=50, update_every=5))
+    assert (args.train_episodes, args.update_every) == (50, 5)  # a flag the user sets wins
+
+
+def snapshots(evals, every=10):
+    return [{"episode": every * (i + 1), "eval_return": r} for i, r in enumerate(evals)]
+
+
+def test_kinds_are_windows_of_the_training_episodes():
+    # 3000 episodes, evaluations every 10; the agent first reaches half of the final 800 at episode 1200
+    evals = np.minimum(np.arange(1, 301) * 400 / 120, 800.0)
+    picks = cd.pick_training_episodes(snapshots(evals), 3000, warmup=10, n=400)
+    assert picks["medium_snapshot"]["episode"] == 1200 and picks["episodes_to_half_expert"] == 1200
+    assert picks["episodes_to_expert"] == 2160  # first evaluation at 90% of 800
+    assert picks["expert"] == list(range(2600, 3000))  # the agent at the end of training
+    assert picks["medium"] == list(range(1000, 1400))  # centred on the medium snapshot
+    replay = picks["medium-replay"]
+    assert len(replay) == 400 and replay[0] == 0 and replay[-1] == 1199  # everything before it, evenly thinned
+    assert np.all(np.diff(replay) > 0)
+
+
+def test_medium_replay_is_everything_before_an_early_medium_snapshot():
+    evals = [10, 50, 320, 600, 610, 620]
+    picks = cd.pick_training_episodes(snapshots(evals), 60, warmup=5, n=400)
+    assert picks["medium_snapshot"]["episode"] == 30  # the first at half of 620, not the closest to it
+    assert picks["medium-replay"] == list(range(30))
+    assert picks["medium"] == list(range(5, 60)) and picks["expert"] == list(range(5, 60))  # never the warm-up
+
+
+def test_seeds_collected_in_parallel_assemble_into_one_dataset(tmp_path):
+    flags = [*FAST, "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs"]
+    flags[flags.index("--num-seeds") + 1] = "1"
+    cmd = [sys.executable, str(ROOT / "collect_data.py"), *map(str, flags), "--no-assemble", "--resume", "--seed"]
+    workers = [subprocess.Popen([*cmd, seed], stdout=subprocess.PIPE, text=True) for seed in ("1", "2")]  # at once
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0 and "assemble the datasets" in worker.stdout.read()
+        worker.stdout.close()
+    assert not (tmp_path / "d" / "cheetah-run" / "expert.hdf5").exists()
+    work = tmp_path / "d" / "cheetah-run" / ".work"
+    trained = [(work / f"seed_{s}" / "checkpoint.pt").stat().st_mtime_ns for s in (1, 2)]
+    flags[flags.index("--num-seeds") + 1] = "2"
+    run(*flags, "--seed", "1", "--resume")
+    assert [(work / f"seed_{s}" / "checkpoint.pt").stat().st_mtime_ns for s in (1, 2)] == trained  # nothing retrained
+    with h5py.File(tmp_path / "d" / "cheetah-run" / "medium-replay.hdf5") as f:
+        assert list(f.attrs["collector_seeds"]) == [1, 2]
+        parts = [np.load(tmp_path / "d" / "cheetah-run" / ".work" / f"seed_{s}" / "medium-replay.npz") for s in (1, 2)]
+        assert np.array_equal(f["observations"][:], np.concatenate([p["observations"] for p in parts]))
+        assert len(parts[0]["eval_returns"]) == 12 // 3  # the learning curve is kept for the docs
