@@ -23,9 +23,10 @@ import random
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import h5py
 import numpy as np
@@ -64,6 +65,9 @@ class Args:
     """gradient steps between evaluations (each one also writes a checkpoint)"""
     eval_episodes: int = 10
     """episodes per evaluation in the real environment"""
+    final_eval_episodes: int = 50
+    """episodes of the final evaluation of the trained policy, whose mean return is the run's result (`final_return`
+    in summary.json, with its standard error); the periodic evaluations only show the learning curve"""
     save_model: bool = False
     """write the final networks and optimizers to `{run folder}/model.pt`"""
     resume: bool = False
@@ -79,7 +83,8 @@ class Args:
     agent_steps: int = 100_000
     """gradient steps of the actor-critic in imagination, on the frozen world model"""
     model_checkpoint: Optional[str] = None
-    """`model.pt` of an earlier run: load its world model and train the agent only"""
+    """`model.pt` of an earlier run: load its world model and train the agent only (with --agent-steps 0: load its
+    actor too and only evaluate it)"""
     batch_size: int = 50
     """windows per world-model batch (also the imagination starts: batch_size x seq_len states)"""
     seq_len: int = 50
@@ -100,6 +105,12 @@ class Args:
     """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
     kl_balance: float = 0.8
     """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
+    kl_balance_u: Optional[float] = None
+    """KL balancing of the latent action KL alone (None: the same as --kl-balance); with lawm.py's parameter-free
+    N(0, I) prior the share `balance` of the u-KL gradient has no parameters to train, so the u-KL acts on the
+    posterior at weight 1 - balance"""
+    action_loss_coef: float = 1.0
+    """weight of -log p(a_t|s_t,u_t), a unit-variance Gaussian on actions in [-1, 1], in the world model's loss"""
     model_learning_rate: float = 3e-4
     """Adam learning rate of the world model"""
     grad_clip: float = 100.0
@@ -120,6 +131,10 @@ class Args:
     """weight of the policy's entropy bonus (the logprob regulariser)"""
     epsilon: float = 1.0
     """the constraint: the policy acts with u = mu_p(s) + epsilon * sigma_p(s) * b, b in (-1, 1)"""
+    eval_filter: Literal["actor", "executed"] = "actor"
+    """the latent action that advances the filter h_{t+1} = f(h_t, z_t, u_t) in the real environment: `actor`, the
+    actor's u_t; `executed`, the mean of q(u_t | s_t, a_t) of the action a_t sent (as in training, where u_t is
+    inferred from the executed action)"""
     target_update_every: int = 100
     """agent steps between copies of the value ensemble into its slow target"""
     log_every: int = 250
@@ -172,8 +187,8 @@ FORMAT_VERSION = 1  # the newest dataset format this file reads
 # flags a resumed run may change (how long it trains, how it evaluates and logs, where its files are): a change of
 # any other flag would make one run of two settings, so --resume refuses it
 RESUMABLE_FLAGS = ("resume", "run_name", "runs_dir", "datasets_dir", "exp_name", "cuda", "torch_deterministic", "eval_every",
-                   "eval_episodes", "save_model", "capture_video", "video_size", "log_every", "total_steps", "model_steps",
-                   "agent_steps")  # fmt: skip
+                   "eval_episodes", "final_eval_episodes", "save_model", "capture_video", "video_size", "log_every",
+                   "total_steps", "model_steps", "agent_steps")  # fmt: skip
 
 
 def env_dims(name: str) -> tuple[int, int]:
@@ -345,10 +360,10 @@ def check_split(
 
 
 def evaluate(args: Args, make_policy, attrs: dict, seed: int):
-    """Returns of `args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh
-    `obs -> action` for each episode (so a policy with memory starts clean). With --capture-video, also the first
-    episode rendered, {"frames": (T, size, size, 3) uint8, each frame the state an action is taken in, "fps": ...};
-    else None."""
+    """`args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh `obs -> action` for each
+    episode (so a policy with memory starts clean). Returns their returns (episodes,), their rewards (a list of (T,)
+    arrays, one per episode) and, with --capture-video, the first episode rendered, {"frames": (T, size, size, 3)
+    uint8, each frame the state an action is taken in, "fps": ...}; else None."""
     env = make_env(args.env, seed)
     frames = []
 
@@ -359,12 +374,28 @@ def evaluate(args: Args, make_policy, attrs: dict, seed: int):
 
         return act
 
-    returns = []
+    rewards = []
     for i in range(args.eval_episodes):
         policy = filmed(make_policy()) if args.capture_video and i == 0 else make_policy()
-        returns.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum())
+        rewards.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2])
     video = {"frames": np.stack(frames), "fps": 1 / (env.control_timestep() * int(attrs["action_repeat"]))} if frames else None
-    return np.array(returns), video
+    return np.array([r.sum() for r in rewards]), rewards, video
+
+
+def final_evaluation(args: Args, make_policy, attrs: dict, writer: SummaryWriter, step: int) -> dict:
+    """The run's result: the final policy on `--final-eval-episodes` episodes, in an environment seeded with the run's
+    seed (the periodic evaluations use seed + step), without video. Offline RL cannot pick its best checkpoint in the
+    real environment, so this mean, not the best periodic evaluation, is the score to report. Returns the summary's
+    `final_return`, `final_return_stderr` (sample std / sqrt(n); None for one episode) and `final_eval_episodes`;
+    logs eval/final_return and eval/final_normalized_score at `step`."""
+    final_args = replace(args, eval_episodes=args.final_eval_episodes, capture_video=False)
+    returns = evaluate(final_args, make_policy, attrs, seed=args.seed)[0]
+    n = len(returns)
+    stderr = float(returns.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    writer.add_scalar("eval/final_return", returns.mean(), step)
+    writer.add_scalar("eval/final_normalized_score", returns.mean() / 10, step)
+    print(f"final evaluation: return {returns.mean():.1f} ± {stderr or 0:.1f} (standard error, {n} episodes)", flush=True)
+    return {"final_return": float(returns.mean()), "final_return_stderr": stderr, "final_eval_episodes": n}
 
 
 def render_frame(env, size: int) -> np.ndarray:
@@ -531,17 +562,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, commit: str, **extra):
-    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings. Written to
-    a temporary file and renamed, so a summary.json that exists is complete."""
+def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, commit: str, **extra):
+    """`summary.json`: the result, `final_return` (the mean return of final_evaluation, with its standard error and
+    number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
+    evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
+    environment; the split and the settings (with the dataset's sha256, so that utils/grid.py knows a run made on other
+    data). Written to a temporary file and renamed, so a summary.json that exists is complete."""
     returns = [r for _, r in evals]
     summary = {
-        "final_return": returns[-1],
-        "final_normalized_score": returns[-1] / 10,
-        "best_normalized_score": max(returns) / 10,
+        **final,
+        "final_normalized_score": final["final_return"] / 10,
+        "best_normalized_score": max(returns) / 10 if returns else None,
         "evaluations": [{"step": s, "return": r} for s, r in evals],
         "labeled_episodes": [int(e) for e in labeled_episodes],
         "args": asdict(args),
+        "script": settings["script"],
+        "dataset_sha256": settings["dataset_sha256"],
+        "flag_changes": settings["changes"],
         "git_commit": commit,
         **extra,
     }
@@ -722,7 +759,8 @@ class WorldModel(nn.Module):
 def elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_nats: float):
     """The negative ELBO of C-LAP on windows: obs (B, L+1, D), actions (B, L, A), rewards (B, L):
     -log p(o_t|s_t) - log p(r_t|s_{t+1}) - log p(a_t|s_t,u_t) + KL(q(z_t)||p(z_t)) + KL(q(u_t|s_t,a_t)||p(u_t|s_t)),
-    each averaged over batch and time. Returns (loss, metrics, states)."""
+    each averaged over batch and time; the action term weighted by --action-loss-coef, the u-KL balanced by
+    --kl-balance-u. Returns (loss, metrics, states)."""
     embed = wm.encoder(obs)  # (B, L+1, D) -> (B, L+1, E), all steps at once
     s = wm.observe(embed, actions)
     feat = s["feat"]
@@ -730,8 +768,9 @@ def elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_nats: floa
     reward_loss = gaussian_nll(rewards[..., None], wm.reward_decoder(feat[:, 1:])).mean()
     action_loss = gaussian_nll(actions, wm.action_decoder(torch.cat([feat[:, :-1], s["u"]], -1))).mean()
     kl_z_loss, kl_z = kl_loss((s["zq_mean"], s["zq_std"]), (s["zp_mean"], s["zp_std"]), args.kl_balance, free_nats)
-    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), args.kl_balance, free_nats)
-    loss = obs_loss + reward_loss + action_loss + kl_z_loss + kl_u_loss
+    balance_u = args.kl_balance if args.kl_balance_u is None else args.kl_balance_u
+    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u, free_nats)
+    loss = obs_loss + reward_loss + args.action_loss_coef * action_loss + kl_z_loss + kl_u_loss
     metrics = {"obs_loss": obs_loss, "reward_loss": reward_loss, "action_loss": action_loss, "kl_z": kl_z, "kl_u": kl_u}
     return loss, metrics, s
 
@@ -803,6 +842,52 @@ def lambda_return(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam
     return torch.stack(out[::-1])
 
 
+def share_inside_constraint(u: torch.Tensor, prior_mean: torch.Tensor, prior_std: torch.Tensor, epsilon: float):
+    """How much of the data the constrained actor can reach: the share of latent actions u (..., U) inside the box
+    it acts in, |u - mu_p| <= epsilon * sigma_p in every dimension, and the share of dimensions inside, averaged.
+    Returns (share of u inside, share per dimension)."""
+    inside = (u - prior_mean).abs() <= epsilon * prior_std
+    return inside.all(-1).float().mean().item(), inside.float().mean().item()
+
+
+@torch.no_grad()
+def policy_step(wm: WorldModel, actor: LatentActor, memory: dict, obs: torch.Tensor, epsilon: float, eval_filter: str):
+    """One step of the policy in the real environment, which filters the model state from the observations:
+    h_t = f(h_{t-1}, z_{t-1}, u_{t-1}) and z_t the mean of q(z_t | h_t, e_t); the actor's latent action u_t inside the
+    constraint; the action a_t, the mean of p(a_t | s_t, u_t) clipped to [-1, 1]. The filter's next step reads the
+    actor's u_t (eval_filter `actor`) or the mean of q(u_t | s_t, a_t) of the action sent (`executed`, as in
+    training). `memory` holds h, z and u between steps (u None at an episode's start); obs (1, D), normalised.
+    Returns the action (1, A) and the reward the model predicts for the previous step, read off s_t (None at first)."""
+    if memory["u"] is not None:
+        memory["h"] = wm.step(memory["h"], memory["z"], memory["u"])
+    memory["z"] = wm.z_posterior(torch.cat([memory["h"], wm.encoder(obs)], -1))[0]
+    feat = torch.cat([memory["h"], memory["z"]], -1)
+    reward = None if memory["u"] is None else wm.reward_decoder(feat)[:, 0]  # r_{t-1} is read off s_t
+    u = constrained_latent_action(wm, feat, actor(feat, deterministic=True)[0], epsilon)
+    action = wm.action_decoder(torch.cat([feat, u], -1)).clamp(-1, 1)
+    memory["u"] = u if eval_filter == "actor" else wm.u_posterior(torch.cat([feat, action], -1))[0]
+    return action, reward
+
+
+def reward_gap(imagined_reward: float, real_rewards: list, model_rewards: list) -> dict:
+    """Model exploitation, in reward per step: the actor's imagined reward (`imagined_reward`, over the horizon-H
+    rollouts from data states it trained on since the last evaluation), the real reward of the evaluation episodes
+    (`real_rewards`, one (T,) array per episode), and the reward the world model predicts along them (`model_rewards`,
+    one sequence per episode, for its first T - 1 steps: the filter never sees the state after the last one).
+    imagined - real is what the actor may exploit; model - real, on the same steps, is the reward model's share of it,
+    the rest is imagination drifting off the data."""
+    real = np.concatenate(real_rewards)
+    model = np.concatenate([np.asarray(m, dtype=np.float64) for m in model_rewards])
+    matched = np.concatenate([r[: len(m)] for r, m in zip(real_rewards, model_rewards, strict=True)])
+    return {
+        "imagined_reward": imagined_reward,
+        "real_reward": float(real.mean()),
+        "model_reward": float(model.mean()) if len(model) else None,
+        "imagined_minus_real_reward": imagined_reward - float(real.mean()),
+        "model_minus_real_reward": float((model - matched).mean()) if len(model) else None,
+    }
+
+
 @torch.no_grad()
 def open_loop_prediction(wm: WorldModel, obs, actions, context: int, horizon: int):
     """Filters the first `context` steps of each window, then predicts `horizon` steps open loop (prior z,
@@ -841,8 +926,8 @@ def open_loop_figure(predicted: np.ndarray, true: np.ndarray, dims: int = 4):
 
 # what a reused world model (--model-checkpoint) must share with the run that loads it: the data and labels it was
 # trained on (or a 5% run could load a model that saw the actions of every trajectory), and its sizes
-WORLD_MODEL_FLAGS = ("env", "dataset", "labeled_fraction", "split_seed", "recovery_fraction", "deter_dim", "stoch_dim",
-                     "hidden_dim", "mlp_layers", "latent_action_dim", "min_std")  # fmt: skip
+WORLD_MODEL_FLAGS = ("env", "dataset", "labeled_fraction", "split_seed", "deter_dim", "stoch_dim", "hidden_dim",
+                     "mlp_layers", "latent_action_dim", "min_std")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -864,9 +949,14 @@ if __name__ == "__main__":
         "latent_action_dim",
         "log_every",
         "target_update_every",
+        "final_eval_episodes",
     ):
-        if getattr(args, name) < 1 and not (name == "model_steps" and args.model_checkpoint):
+        if getattr(args, name) < 1 and not (name in ("model_steps", "agent_steps") and args.model_checkpoint):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.kl_balance_u is not None and not 0 <= args.kl_balance_u <= 1:
+        raise SystemExit(f"error: --kl-balance-u must be in [0, 1], got {args.kl_balance_u}")
+    if args.action_loss_coef < 0:
+        raise SystemExit(f"error: --action-loss-coef must be at least 0, got {args.action_loss_coef}")
     if args.seq_len < 2:
         raise SystemExit(
             f"error: --seq-len must be at least 2 (the open-loop check predicts seq_len // 2 steps), got {args.seq_len}"
@@ -883,6 +973,11 @@ if __name__ == "__main__":
         world_model = load_checkpoint(Path(args.model_checkpoint))
         check_settings(Path(args.model_checkpoint), world_model, args, dataset, WORLD_MODEL_FLAGS)
         settings["world_model_from"] = world_model["settings"]  # the settings the reused world model was trained with
+        if args.agent_steps == 0 and not world_model.get("agent_step"):
+            raise SystemExit(
+                f"error: {args.model_checkpoint} holds no trained actor: --agent-steps 0 evaluates the actor of a run "
+                f"that trained one"
+            )
     run_dir = make_run_dir(args)
     if args.resume:
         state, settings = resume_settings(run_dir, args, dataset)
@@ -922,17 +1017,21 @@ if __name__ == "__main__":
     nets = {"world_model": wm, "actor": actor, "values": values, "values_target": values_target}
     nets.update(model_optimizer=model_optimizer, actor_optimizer=actor_optimizer, value_optimizer=value_optimizer)
 
-    model_step, agent_step, evals = 0, 0, []
+    model_step, agent_step, evals, exploitation = 0, 0, [], {}  # exploitation: reward_gap at the last evaluation
     if args.model_checkpoint and not args.resume:  # (a resumed run has its world model in its own checkpoint)
         wm.load_state_dict(world_model["world_model"])
         mean, std = world_model["obs_mean"].numpy(), world_model["obs_std"].numpy()
         obs_t, next_obs_t = normalized(mean, std)
         model_step = args.model_steps
         print(f"loaded the world model of {args.model_checkpoint}")
+        if args.agent_steps == 0:  # evaluation only: the saved actor, on the saved world model
+            actor.load_state_dict(world_model["actor"])
+            print(f"loaded the actor of {args.model_checkpoint} (agent step {world_model['agent_step']}): evaluation only")
     if args.resume:
         for k, net in nets.items():
             net.load_state_dict(state[k])
         model_step, agent_step, evals = state["model_step"], state["agent_step"], [tuple(e) for e in state["evals"]]
+        exploitation = state["exploitation"]
         torch.set_rng_state(state["torch_rng"])
         mean, std = state["obs_mean"].numpy(), state["obs_std"].numpy()
         obs_t, next_obs_t = normalized(mean, std)
@@ -941,8 +1040,17 @@ if __name__ == "__main__":
     def save_checkpoint():
         state = {k: net.state_dict() for k, net in nets.items()}
         state.update(model_step=model_step, agent_step=agent_step, evals=evals, torch_rng=torch.get_rng_state())
+        state.update(exploitation=exploitation)
         state.update(obs_mean=torch.as_tensor(mean), obs_std=torch.as_tensor(std), settings=settings)
         save_safely(state, run_dir / "checkpoint.pt")
+
+    @torch.no_grad()
+    def constraint_share():
+        """Share of the data's latent actions (the means of the posteriors q(u | .) of a batch of windows, as in
+        training) inside the box the actor acts in (share_inside_constraint)."""
+        obs, actions, _ = batch(args.batch_size)
+        s = wm.observe(wm.encoder(obs), actions)
+        return share_inside_constraint(s["uq_mean"], s["up_mean"], s["up_std"], args.epsilon)
 
     # 1. the world model
     start_time, start_step = time.time(), model_step
@@ -979,33 +1087,36 @@ if __name__ == "__main__":
             predicted, true = open_loop_prediction(wm, *batch(1)[:2], args.seq_len // 2, args.seq_len // 2)
             figure = open_loop_figure(predicted[0].cpu().numpy(), true[0].cpu().numpy())
             writer.add_figure("world_model/open_loop", figure, model_step)
+            u_inside, u_inside_per_dim = constraint_share()
+            writer.add_scalar("world_model/u_inside_constraint", u_inside, model_step)
+            writer.add_scalar("world_model/u_inside_constraint_per_dim", u_inside_per_dim, model_step)
             save_checkpoint()
     wm.requires_grad_(False)  # frozen: the actor's gradient flows through it, its weights stay
 
-    def make_policy():
-        """Posterior filtering with the executed latent actions; the action sent is the mean of p(a | s, u)."""
-        memory = {"h": torch.zeros(1, args.deter_dim, device=device), "z": None, "u": None}
+    def make_policy(model_rewards: Optional[list] = None):
+        """A fresh policy for one episode (policy_step: posterior filtering, --eval-filter; the action sent is the mean
+        of p(a | s, u)); it appends to `model_rewards` the list of the rewards the model predicts along the episode."""
+        memory, predicted = {"h": torch.zeros(1, args.deter_dim, device=device), "z": None, "u": None}, []
+        if model_rewards is not None:
+            model_rewards.append(predicted)
 
-        @torch.no_grad()
         def act(o: np.ndarray) -> np.ndarray:
-            e = wm.encoder(to_tensor((o - mean) / std)[None])
-            if memory["u"] is not None:
-                memory["h"] = wm.step(memory["h"], memory["z"], memory["u"])
-            memory["z"] = wm.z_posterior(torch.cat([memory["h"], e], -1))[0]
-            feat = torch.cat([memory["h"], memory["z"]], -1)
-            memory["u"] = constrained_latent_action(wm, feat, actor(feat, deterministic=True)[0], args.epsilon)
-            return wm.action_decoder(torch.cat([feat, memory["u"]], -1))[0].clamp(-1, 1).cpu().numpy()
+            action, reward = policy_step(wm, actor, memory, to_tensor((o - mean) / std)[None], args.epsilon, args.eval_filter)
+            if reward is not None:
+                predicted.append(reward.item())
+            return action[0].cpu().numpy()
 
         return act
 
     # 2. the actor-critic in imagination, on the frozen model
-    start_time, start_step = time.time(), agent_step
+    start_time, start_step, imagined_since_eval = time.time(), agent_step, []
     while agent_step < args.agent_steps:
         obs, actions, rewards = batch(args.batch_size)
         with torch.no_grad():
             feat = wm.observe(wm.encoder(obs), actions)["feat"].reshape(-1, feat_dim)  # (B, L+1, F) -> (N, F)
         feats, log_probs = imagine(wm, actor, feat[:, : args.deter_dim], feat[:, args.deter_dim :], args.horizon, args.epsilon)
         imagined_rewards = wm.reward_decoder(feats[1:]).squeeze(-1)  # (H, N): r_t read off s_{t+1}
+        imagined_since_eval.append(imagined_rewards.detach().mean())
         returns = lambda_return(imagined_rewards, values_target(feats).mean(0), args.gamma, args.return_lambda)
         actor_loss = -returns.mean() + args.entropy_coef * log_probs.mean()
         actor_optimizer.zero_grad(set_to_none=True)
@@ -1030,25 +1141,41 @@ if __name__ == "__main__":
             writer.add_scalar("losses/epsilon", args.epsilon, agent_step)
             writer.add_scalar("charts/agent_SPS", (agent_step - start_step) / (time.time() - start_time), agent_step)
         if agent_step % args.eval_every == 0 or agent_step == args.agent_steps:
-            returns_eval, video = evaluate(args, make_policy, dataset["attrs"], seed=args.seed + agent_step)
+            model_rewards = []
+            returns_eval, rewards_eval, video = evaluate(
+                args, partial(make_policy, model_rewards), dataset["attrs"], seed=args.seed + agent_step
+            )
             if video is not None:
                 write_video(writer, run_dir, video, agent_step)
             evals.append((agent_step, float(returns_eval.mean())))
             writer.add_scalar("eval/episodic_return", returns_eval.mean(), agent_step)
             writer.add_scalar("eval/normalized_score", returns_eval.mean() / 10, agent_step)
+            exploitation = reward_gap(torch.stack(imagined_since_eval).mean().item(), rewards_eval, model_rewards)
+            imagined_since_eval = []
+            for k, v in exploitation.items():
+                if v is not None:
+                    writer.add_scalar(f"eval/{k}", v, agent_step)
             sps = (agent_step - start_step) / (time.time() - start_time)
             eta = (args.agent_steps - agent_step) / sps
             print(
                 f"agent step {agent_step}/{args.agent_steps} | return {returns_eval.mean():7.1f} ± {returns_eval.std():5.1f} "
-                f"| imagined return {returns.mean().item():7.2f} | {sps:4.1f} steps/s | ETA {eta / 60:5.1f} min",
+                f"| imagined return {returns.mean().item():7.2f} | reward per step: imagined "
+                f"{exploitation['imagined_reward']:.3f}, real {exploitation['real_reward']:.3f} | {sps:4.1f} steps/s "
+                f"| ETA {eta / 60:5.1f} min",
                 flush=True,
             )
             save_checkpoint()
 
+    if not (run_dir / "checkpoint.pt").exists():  # evaluation only (--agent-steps 0): the loaded networks
+        save_checkpoint()
+    u_inside, u_inside_per_dim = constraint_share()
+    diagnostics = {"u_inside_constraint": u_inside, "u_inside_constraint_per_dim": u_inside_per_dim, **exploitation}
+    final = final_evaluation(args, make_policy, dataset["attrs"], writer, agent_step)
     write_summary(
-        run_dir, args, evals, dataset["labeled_episodes"], commit, free_nats=free_nats, flag_changes=settings["changes"]
+        run_dir, args, settings, evals, final, dataset["labeled_episodes"], commit, free_nats=free_nats, **diagnostics
     )
     if args.save_model:
         save_safely(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "model.pt")
     writer.close()
-    print(f"final normalized score {evals[-1][1] / 10:.1f} (best {max(r for _, r in evals) / 10:.1f}); see {run_dir}")
+    best = f" (best periodic evaluation {max(r for _, r in evals) / 10:.1f})" if evals else ""
+    print(f"final normalized score {final['final_return'] / 10:.1f}{best}; see {run_dir}")

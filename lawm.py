@@ -24,9 +24,10 @@ import random
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import h5py
 import numpy as np
@@ -65,6 +66,9 @@ class Args:
     """gradient steps between evaluations (each one also writes a checkpoint)"""
     eval_episodes: int = 10
     """episodes per evaluation in the real environment"""
+    final_eval_episodes: int = 50
+    """episodes of the final evaluation of the trained policy, whose mean return is the run's result (`final_return`
+    in summary.json, with its standard error); the periodic evaluations only show the learning curve"""
     save_model: bool = False
     """write the final networks and optimizers to `{run folder}/model.pt`"""
     resume: bool = False
@@ -80,7 +84,8 @@ class Args:
     agent_steps: int = 100_000
     """gradient steps of the actor-critic in imagination, on the frozen world model"""
     model_checkpoint: Optional[str] = None
-    """`model.pt` of an earlier run: load its world model and train the agent only"""
+    """`model.pt` of an earlier run: load its world model and train the agent only (with --agent-steps 0: load its
+    actor too and only evaluate it)"""
     batch_size: int = 50
     """windows per world-model batch (also the imagination starts: batch_size x seq_len states)"""
     labeled_ratio: float = 0.25
@@ -104,11 +109,17 @@ class Args:
     """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
     kl_balance: float = 0.8
     """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
+    kl_balance_u: Optional[float] = None
+    """KL balancing of the latent action KL alone (None: the same as --kl-balance); with lawm.py's parameter-free
+    N(0, I) prior the share `balance` of the u-KL gradient has no parameters to train, so the u-KL acts on the
+    posterior at weight 1 - balance"""
+    action_loss_coef: float = 1.0
+    """weight of -log p(a_t|s_t,u_t), a unit-variance Gaussian on actions in [-1, 1], in the world model's loss"""
     align_coef: float = 1.0
     """weight of the alignment term KL(sg q(u|s,a) || q_idm(u|s,e')) on windows with actions (0 turns it off)"""
-    recovery_fraction: float = 0.1
-    """share of the labeled trajectories (at least one, when two or more) whose actions are hidden from training
-    and used only to measure the actions the IDM recovers (R2, MSE); they are trained on as action-free data"""
+    recovery_episodes: int = 20
+    """action-free trajectories (picked by --split-seed) whose true actions, which training never reads, score the
+    actions the IDM recovers (R2 against two controls, MSE); 0 turns the diagnostic off"""
     model_learning_rate: float = 3e-4
     """Adam learning rate of the world model"""
     grad_clip: float = 100.0
@@ -129,6 +140,10 @@ class Args:
     """weight of the policy's entropy bonus (the logprob regulariser)"""
     epsilon: float = 1.0
     """the constraint: the policy acts with u = mu_p(s) + epsilon * sigma_p(s) * b, b in (-1, 1)"""
+    eval_filter: Literal["actor", "executed"] = "actor"
+    """the latent action that advances the filter h_{t+1} = f(h_t, z_t, u_t) in the real environment: `actor`, the
+    actor's u_t; `executed`, the mean of q(u_t | s_t, a_t) of the action a_t sent (as in training, where u_t is
+    inferred from the executed action)"""
     target_update_every: int = 100
     """agent steps between copies of the value ensemble into its slow target"""
     log_every: int = 250
@@ -181,8 +196,8 @@ FORMAT_VERSION = 1  # the newest dataset format this file reads
 # flags a resumed run may change (how long it trains, how it evaluates and logs, where its files are): a change of
 # any other flag would make one run of two settings, so --resume refuses it
 RESUMABLE_FLAGS = ("resume", "run_name", "runs_dir", "datasets_dir", "exp_name", "cuda", "torch_deterministic", "eval_every",
-                   "eval_episodes", "save_model", "capture_video", "video_size", "log_every", "total_steps", "model_steps",
-                   "agent_steps")  # fmt: skip
+                   "eval_episodes", "final_eval_episodes", "save_model", "capture_video", "video_size", "log_every",
+                   "total_steps", "model_steps", "agent_steps")  # fmt: skip
 
 
 def env_dims(name: str) -> tuple[int, int]:
@@ -354,10 +369,10 @@ def check_split(
 
 
 def evaluate(args: Args, make_policy, attrs: dict, seed: int):
-    """Returns of `args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh
-    `obs -> action` for each episode (so a policy with memory starts clean). With --capture-video, also the first
-    episode rendered, {"frames": (T, size, size, 3) uint8, each frame the state an action is taken in, "fps": ...};
-    else None."""
+    """`args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh `obs -> action` for each
+    episode (so a policy with memory starts clean). Returns their returns (episodes,), their rewards (a list of (T,)
+    arrays, one per episode) and, with --capture-video, the first episode rendered, {"frames": (T, size, size, 3)
+    uint8, each frame the state an action is taken in, "fps": ...}; else None."""
     env = make_env(args.env, seed)
     frames = []
 
@@ -368,12 +383,28 @@ def evaluate(args: Args, make_policy, attrs: dict, seed: int):
 
         return act
 
-    returns = []
+    rewards = []
     for i in range(args.eval_episodes):
         policy = filmed(make_policy()) if args.capture_video and i == 0 else make_policy()
-        returns.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum())
+        rewards.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2])
     video = {"frames": np.stack(frames), "fps": 1 / (env.control_timestep() * int(attrs["action_repeat"]))} if frames else None
-    return np.array(returns), video
+    return np.array([r.sum() for r in rewards]), rewards, video
+
+
+def final_evaluation(args: Args, make_policy, attrs: dict, writer: SummaryWriter, step: int) -> dict:
+    """The run's result: the final policy on `--final-eval-episodes` episodes, in an environment seeded with the run's
+    seed (the periodic evaluations use seed + step), without video. Offline RL cannot pick its best checkpoint in the
+    real environment, so this mean, not the best periodic evaluation, is the score to report. Returns the summary's
+    `final_return`, `final_return_stderr` (sample std / sqrt(n); None for one episode) and `final_eval_episodes`;
+    logs eval/final_return and eval/final_normalized_score at `step`."""
+    final_args = replace(args, eval_episodes=args.final_eval_episodes, capture_video=False)
+    returns = evaluate(final_args, make_policy, attrs, seed=args.seed)[0]
+    n = len(returns)
+    stderr = float(returns.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    writer.add_scalar("eval/final_return", returns.mean(), step)
+    writer.add_scalar("eval/final_normalized_score", returns.mean() / 10, step)
+    print(f"final evaluation: return {returns.mean():.1f} ± {stderr or 0:.1f} (standard error, {n} episodes)", flush=True)
+    return {"final_return": float(returns.mean()), "final_return_stderr": stderr, "final_eval_episodes": n}
 
 
 def render_frame(env, size: int) -> np.ndarray:
@@ -540,17 +571,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, commit: str, **extra):
-    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings. Written to
-    a temporary file and renamed, so a summary.json that exists is complete."""
+def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, commit: str, **extra):
+    """`summary.json`: the result, `final_return` (the mean return of final_evaluation, with its standard error and
+    number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
+    evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
+    environment; the split and the settings (with the dataset's sha256, so that utils/grid.py knows a run made on other
+    data). Written to a temporary file and renamed, so a summary.json that exists is complete."""
     returns = [r for _, r in evals]
     summary = {
-        "final_return": returns[-1],
-        "final_normalized_score": returns[-1] / 10,
-        "best_normalized_score": max(returns) / 10,
+        **final,
+        "final_normalized_score": final["final_return"] / 10,
+        "best_normalized_score": max(returns) / 10 if returns else None,
         "evaluations": [{"step": s, "return": r} for s, r in evals],
         "labeled_episodes": [int(e) for e in labeled_episodes],
         "args": asdict(args),
+        "script": settings["script"],
+        "dataset_sha256": settings["dataset_sha256"],
+        "flag_changes": settings["changes"],
         "git_commit": commit,
         **extra,
     }
@@ -608,14 +645,23 @@ def consecutive_windows(episode_starts: np.ndarray, episode_ends: np.ndarray, ep
     return starts[:, None] + np.arange(seq_len)[None, :]  # (R,) -> (R, L)
 
 
-def recovery_split(labeled_episodes: np.ndarray, recovery_fraction: float, split_seed: int):
-    """Picks the recovery set: `recovery_fraction` of the labeled trajectories (at least one, and never all),
-    seeded by the split seed, whose actions are hidden from training and serve only to measure the actions the
-    IDM recovers. Returns (trajectories trained on with actions, recovery trajectories), both sorted."""
-    k = len(labeled_episodes)
-    num_recovery = min(max(1, round(recovery_fraction * k)), k - 1) if recovery_fraction > 0 else 0
-    recovery = np.sort(np.random.default_rng(split_seed).permutation(labeled_episodes)[:num_recovery])
-    return np.setdiff1d(labeled_episodes, recovery), recovery
+def recovery_set(action_free_episodes: np.ndarray, num: int, split_seed: int) -> np.ndarray:
+    """The recovery set: `num` of the action-free trajectories (all of them when there are fewer), picked with the
+    split seed, sorted. LAWM trains on them without actions, like on every action-free trajectory; only the
+    action-recovery diagnostic reads their true actions (read_recovery_actions)."""
+    return np.sort(np.random.default_rng(split_seed).permutation(action_free_episodes)[:num])
+
+
+def read_recovery_actions(dataset: dict, episodes) -> np.ndarray:
+    """The true actions of the recovery set, for the action-recovery diagnostic alone: load_dataset replaced the
+    actions of every action-free trajectory by NaN, so those of `episodes` are read again from the dataset file.
+    Returns an array shaped like the dataset's actions (N, A), NaN outside `episodes`."""
+    actions = np.full(dataset["actions"].shape, np.nan, dtype=np.float32)
+    with h5py.File(dataset["path"], "r") as f:
+        for e in episodes:
+            start, end = dataset["episode_starts"][e], dataset["episode_ends"][e]
+            actions[start:end] = f["actions"][start:end]
+    return actions
 
 
 def windows_with_actions(batch_size: int, labeled_ratio: float, has_action_free: bool) -> int:
@@ -774,7 +820,8 @@ def unified_elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_na
     + KL(q(u_t)||N(0, I)), with q(u_t) = q(u_t|s_t,a_t) or q_idm(u_t|s_t,e_{t+1}); windows with actions add
     -log p(a_t|s_t,u_t) and, weighted by align_coef, the alignment KL(sg q(u_t|s_t,a_t) || q_idm(u_t|s_t,e_{t+1})).
     Every term is a mean over windows and time, so a term of the labeled windows only counts with their share
-    B_ac / B of the batch (with B_ac = B this is C-LAP's ELBO with a standard normal prior).
+    B_ac / B of the batch (with B_ac = B this is C-LAP's ELBO with a standard normal prior); the action term is
+    weighted by --action-loss-coef, the u-KL balanced by --kl-balance-u.
     Returns (loss, metrics, states); `action_loss` and `align` in metrics are per labeled step."""
     embed = wm.encoder(obs)  # (B, L+1, D) -> (B, L+1, E), all steps at once
     s = wm.observe(embed, actions)
@@ -782,14 +829,15 @@ def unified_elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_na
     obs_loss = gaussian_nll(obs, wm.obs_decoder(feat)).mean()
     reward_loss = gaussian_nll(rewards[..., None], wm.reward_decoder(feat[:, 1:])).mean()
     kl_z_loss, kl_z = kl_loss((s["zq_mean"], s["zq_std"]), (s["zp_mean"], s["zp_std"]), args.kl_balance, free_nats)
-    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), args.kl_balance, free_nats)
+    balance_u = args.kl_balance if args.kl_balance_u is None else args.kl_balance_u
+    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u, free_nats)
     loss = obs_loss + reward_loss + kl_z_loss + kl_u_loss
     metrics = {"obs_loss": obs_loss, "reward_loss": reward_loss, "kl_z": kl_z, "kl_u": kl_u}
     if n_ac > 0:  # (a mean over no windows would be NaN)
         action_loss = gaussian_nll(actions, wm.action_decoder(torch.cat([feat[:n_ac, :-1], s["u"][:n_ac]], -1))).mean()
         sg_posterior = (s["uq_mean"][:n_ac].detach(), s["uq_std"][:n_ac].detach())
         align = kl_gaussian(*sg_posterior, s["idm_mean"], s["idm_std"]).mean()
-        loss = loss + share * (action_loss + args.align_coef * align)
+        loss = loss + share * (args.action_loss_coef * action_loss + args.align_coef * align)
         metrics.update(action_loss=action_loss, align=align)
     return loss, metrics, s
 
@@ -861,17 +909,78 @@ def lambda_return(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam
     return torch.stack(out[::-1])
 
 
+def share_inside_constraint(u: torch.Tensor, prior_mean: torch.Tensor, prior_std: torch.Tensor, epsilon: float):
+    """How much of the data the constrained actor can reach: the share of latent actions u (..., U) inside the box
+    it acts in, |u - mu_p| <= epsilon * sigma_p in every dimension, and the share of dimensions inside, averaged.
+    Returns (share of u inside, share per dimension)."""
+    inside = (u - prior_mean).abs() <= epsilon * prior_std
+    return inside.all(-1).float().mean().item(), inside.float().mean().item()
+
+
 @torch.no_grad()
-def action_recovery(wm: WorldModel, obs: torch.Tensor, true_actions: torch.Tensor):
-    """Does the model understand action-free data? Windows of labeled trajectories are filtered as action-free
-    (u_t from the IDM, which never sees a_t), the action is read off the IDM's mean latent action as the mean of
-    p(a_t | s_t, u_t), clipped to [-1, 1] as when acting, and compared with the true a_t.
-    obs (R, L+1, D), true_actions (R, L, A). Returns (R2 averaged over action dimensions, MSE)."""
+def policy_step(wm: WorldModel, actor: LatentActor, memory: dict, obs: torch.Tensor, epsilon: float, eval_filter: str):
+    """One step of the policy in the real environment, which filters the model state from the observations:
+    h_t = f(h_{t-1}, z_{t-1}, u_{t-1}) and z_t the mean of q(z_t | h_t, e_t); the actor's latent action u_t inside the
+    constraint; the action a_t, the mean of p(a_t | s_t, u_t) clipped to [-1, 1]. The filter's next step reads the
+    actor's u_t (eval_filter `actor`) or the mean of q(u_t | s_t, a_t) of the action sent (`executed`, as in
+    training). `memory` holds h, z and u between steps (u None at an episode's start); obs (1, D), normalised.
+    Returns the action (1, A) and the reward the model predicts for the previous step, read off s_t (None at first)."""
+    if memory["u"] is not None:
+        memory["h"] = wm.step(memory["h"], memory["z"], memory["u"])
+    memory["z"] = wm.z_posterior(torch.cat([memory["h"], wm.encoder(obs)], -1))[0]
+    feat = torch.cat([memory["h"], memory["z"]], -1)
+    reward = None if memory["u"] is None else wm.reward_decoder(feat)[:, 0]  # r_{t-1} is read off s_t
+    u = constrained_latent_action(wm, feat, actor(feat, deterministic=True)[0], epsilon)
+    action = wm.action_decoder(torch.cat([feat, u], -1)).clamp(-1, 1)
+    memory["u"] = u if eval_filter == "actor" else wm.u_posterior(torch.cat([feat, action], -1))[0]
+    return action, reward
+
+
+def reward_gap(imagined_reward: float, real_rewards: list, model_rewards: list) -> dict:
+    """Model exploitation, in reward per step: the actor's imagined reward (`imagined_reward`, over the horizon-H
+    rollouts from data states it trained on since the last evaluation), the real reward of the evaluation episodes
+    (`real_rewards`, one (T,) array per episode), and the reward the world model predicts along them (`model_rewards`,
+    one sequence per episode, for its first T - 1 steps: the filter never sees the state after the last one).
+    imagined - real is what the actor may exploit; model - real, on the same steps, is the reward model's share of it,
+    the rest is imagination drifting off the data."""
+    real = np.concatenate(real_rewards)
+    model = np.concatenate([np.asarray(m, dtype=np.float64) for m in model_rewards])
+    matched = np.concatenate([r[: len(m)] for r, m in zip(real_rewards, model_rewards, strict=True)])
+    return {
+        "imagined_reward": imagined_reward,
+        "real_reward": float(real.mean()),
+        "model_reward": float(model.mean()) if len(model) else None,
+        "imagined_minus_real_reward": imagined_reward - float(real.mean()),
+        "model_minus_real_reward": float((model - matched).mean()) if len(model) else None,
+    }
+
+
+@torch.no_grad()
+def action_recovery(wm: WorldModel, obs: torch.Tensor, true_actions: torch.Tensor) -> dict:
+    """Does the model understand action-free data? Windows of action-free trajectories are filtered as such (u_t from
+    the IDM, which never sees a_t), the action is read off the IDM's mean latent action as the mean of
+    p(a_t | s_t, u_t), clipped to [-1, 1] as when acting, and compared with the true a_t: R2 (averaged over action
+    dimensions) and MSE. Two controls decode from the same states s_t with u_t = 0 (the prior's mean) and with the
+    IDM's u_t shuffled in time within each window: a decoder that clones behaviour from s_t alone scores as well with
+    them; only the margin over them is the IDM's. obs (R, L+1, D), true_actions (R, L, A).
+    Returns {"r2", "mse", "r2_u_zero", "r2_u_shuffled"}."""
     s = wm.observe(wm.encoder(obs), true_actions[:0])  # (0, L, A): no window has actions
-    predicted = wm.action_decoder(torch.cat([s["feat"][:, :-1], s["uq_mean"]], -1)).clamp(-1, 1)
-    predicted, true = predicted.flatten(0, 1), true_actions.flatten(0, 1)  # (R, L, A) -> (R * L, A)
-    r2 = 1 - ((predicted - true) ** 2).sum(0) / ((true - true.mean(0)) ** 2).sum(0).clamp(min=1e-8)
-    return r2.mean().item(), ((predicted - true) ** 2).mean().item()
+    feat, u, true = s["feat"][:, :-1], s["uq_mean"], true_actions.flatten(0, 1)  # (R, L, A) -> (R * L, A)
+    shuffled = u.gather(1, torch.rand(u.shape[:2], device=u.device).argsort(1)[..., None].expand_as(u))  # per window
+
+    def decoded(u: torch.Tensor) -> torch.Tensor:
+        return wm.action_decoder(torch.cat([feat, u], -1)).clamp(-1, 1).flatten(0, 1)  # (R * L, A)
+
+    def r2(predicted: torch.Tensor) -> float:
+        return (1 - ((predicted - true) ** 2).sum(0) / ((true - true.mean(0)) ** 2).sum(0).clamp(min=1e-8)).mean().item()
+
+    predicted = decoded(u)
+    return {
+        "r2": r2(predicted),
+        "mse": ((predicted - true) ** 2).mean().item(),
+        "r2_u_zero": r2(decoded(torch.zeros_like(u))),
+        "r2_u_shuffled": r2(decoded(shuffled)),
+    }
 
 
 @torch.no_grad()
@@ -912,8 +1021,8 @@ def open_loop_figure(predicted: np.ndarray, true: np.ndarray, dims: int = 4):
 
 # what a reused world model (--model-checkpoint) must share with the run that loads it: the data and labels it was
 # trained on (or a 5% run could load a model that saw the actions of every trajectory), and its sizes
-WORLD_MODEL_FLAGS = ("env", "dataset", "labeled_fraction", "split_seed", "recovery_fraction", "deter_dim", "stoch_dim",
-                     "hidden_dim", "mlp_layers", "latent_action_dim", "min_std")  # fmt: skip
+WORLD_MODEL_FLAGS = ("env", "dataset", "labeled_fraction", "split_seed", "deter_dim", "stoch_dim", "hidden_dim",
+                     "mlp_layers", "latent_action_dim", "min_std")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -935,34 +1044,50 @@ if __name__ == "__main__":
         "latent_action_dim",
         "log_every",
         "target_update_every",
+        "final_eval_episodes",
     ):
-        if getattr(args, name) < 1 and not (name == "model_steps" and args.model_checkpoint):
+        if getattr(args, name) < 1 and not (name in ("model_steps", "agent_steps") and args.model_checkpoint):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.kl_balance_u is not None and not 0 <= args.kl_balance_u <= 1:
+        raise SystemExit(f"error: --kl-balance-u must be in [0, 1], got {args.kl_balance_u}")
+    if args.action_loss_coef < 0:
+        raise SystemExit(f"error: --action-loss-coef must be at least 0, got {args.action_loss_coef}")
     if args.seq_len < 2:
         raise SystemExit(
             f"error: --seq-len must be at least 2 (the open-loop check predicts seq_len // 2 steps), got {args.seq_len}"
         )
     if not 0 < args.labeled_ratio <= 1:
         raise SystemExit(f"error: --labeled-ratio must be in (0, 1], got {args.labeled_ratio}")
-    if not 0 <= args.recovery_fraction < 1:
-        raise SystemExit(f"error: --recovery-fraction must be in [0, 1), got {args.recovery_fraction}")
+    if args.recovery_episodes < 0:
+        raise SystemExit(f"error: --recovery-episodes must be at least 0, got {args.recovery_episodes}")
     if args.batch_size < 2:
         raise SystemExit(f"error: --batch-size must be at least 2 (windows with actions and without), got {args.batch_size}")
     # every input is checked before any work: the dataset, the split, rendering, the reused model, the run folder
     dataset = load_dataset(args)
-    # LAWM sees every trajectory. A few labeled ones (the recovery set) are trained on as action-free: their
-    # actions serve only to measure the actions the IDM recovers, on data it learned from without actions.
-    episodes_ac, recovery_episodes = recovery_split(dataset["labeled_episodes"], args.recovery_fraction, args.split_seed)
+    # LAWM sees every trajectory: the labeled ones (those of every baseline) with their actions, the others without
+    episodes_ac = dataset["labeled_episodes"]
     episodes_af = np.setdiff1d(np.arange(len(dataset["episode_starts"])), episodes_ac)  # trained on without actions
     check_split(dataset, args, episodes_ac, episodes_af, args.seq_len, min_with_actions=1, needs_action_free=True)
     starts_ac = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes_ac, args.seq_len)
     starts_af = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes_af, args.seq_len)
+    # the recovery set: action-free trajectories whose true actions, read from the file for the diagnostic alone,
+    # score the actions the IDM recovers on data the model learns from without actions
+    lengths = dataset["episode_ends"] - dataset["episode_starts"]
+    recovery_episodes = recovery_set(
+        episodes_af[lengths[episodes_af] >= args.seq_len], args.recovery_episodes, args.split_seed
+    )
+    recovery_actions = read_recovery_actions(dataset, recovery_episodes)  # (N, A), NaN outside the recovery set
     check_video(args)
     settings = run_settings(args, dataset)
     if args.model_checkpoint and not args.resume:
         world_model = load_checkpoint(Path(args.model_checkpoint))
         check_settings(Path(args.model_checkpoint), world_model, args, dataset, WORLD_MODEL_FLAGS)
         settings["world_model_from"] = world_model["settings"]  # the settings the reused world model was trained with
+        if args.agent_steps == 0 and not world_model.get("agent_step"):
+            raise SystemExit(
+                f"error: {args.model_checkpoint} holds no trained actor: --agent-steps 0 evaluates the actor of a run "
+                f"that trained one"
+            )
     run_dir = make_run_dir(args)
     if args.resume:
         state, settings = resume_settings(run_dir, args, dataset)
@@ -978,8 +1103,8 @@ if __name__ == "__main__":
     n_ac = windows_with_actions(args.batch_size, args.labeled_ratio, has_action_free=len(starts_af) > 0)
     print(
         f"{run_dir.name}: {len(episodes_ac)} trajectories with actions ({len(starts_ac)} windows of {args.seq_len} "
-        f"steps), {len(episodes_af)} without ({len(starts_af)} windows), {len(recovery_episodes)} of them labeled "
-        f"for the action-recovery diagnostic; {n_ac} of {args.batch_size} windows per batch have actions"
+        f"steps), {len(episodes_af)} without ({len(starts_af)} windows), {len(recovery_episodes)} of them scored by "
+        f"the action-recovery diagnostic; {n_ac} of {args.batch_size} windows per batch have actions"
     )
     mean, std = compute_mean_std(dataset["observations"])
     to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
@@ -1014,17 +1139,21 @@ if __name__ == "__main__":
     nets = {"world_model": wm, "actor": actor, "values": values, "values_target": values_target}
     nets.update(model_optimizer=model_optimizer, actor_optimizer=actor_optimizer, value_optimizer=value_optimizer)
 
-    model_step, agent_step, evals = 0, 0, []
+    model_step, agent_step, evals, exploitation = 0, 0, [], {}  # exploitation: reward_gap at the last evaluation
     if args.model_checkpoint and not args.resume:  # (a resumed run has its world model in its own checkpoint)
         wm.load_state_dict(world_model["world_model"])
         mean, std = world_model["obs_mean"].numpy(), world_model["obs_std"].numpy()
         obs_t, next_obs_t = normalized(mean, std)
         model_step = args.model_steps
         print(f"loaded the world model of {args.model_checkpoint}")
+        if args.agent_steps == 0:  # evaluation only: the saved actor, on the saved world model
+            actor.load_state_dict(world_model["actor"])
+            print(f"loaded the actor of {args.model_checkpoint} (agent step {world_model['agent_step']}): evaluation only")
     if args.resume:
         for k, net in nets.items():
             net.load_state_dict(state[k])
         model_step, agent_step, evals = state["model_step"], state["agent_step"], [tuple(e) for e in state["evals"]]
+        exploitation = state["exploitation"]
         torch.set_rng_state(state["torch_rng"])
         mean, std = state["obs_mean"].numpy(), state["obs_std"].numpy()
         obs_t, next_obs_t = normalized(mean, std)
@@ -1033,13 +1162,23 @@ if __name__ == "__main__":
     def save_checkpoint():
         state = {k: net.state_dict() for k, net in nets.items()}
         state.update(model_step=model_step, agent_step=agent_step, evals=evals, torch_rng=torch.get_rng_state())
+        state.update(exploitation=exploitation)
         state.update(obs_mean=torch.as_tensor(mean), obs_std=torch.as_tensor(std), settings=settings)
         save_safely(state, run_dir / "checkpoint.pt")
 
-    def recovered_actions():
-        """R2 and MSE of the actions the IDM recovers on the recovery set."""
+    @torch.no_grad()
+    def constraint_share():
+        """Share of the data's latent actions (the means of the posteriors q(u | .) of a batch of windows, as in
+        training) inside the box the actor acts in (share_inside_constraint)."""
+        obs, actions, _ = batch(args.batch_size, n_ac)
+        s = wm.observe(wm.encoder(obs), actions)
+        return share_inside_constraint(s["uq_mean"], s["up_mean"], s["up_std"], args.epsilon)
+
+    def recovered_actions() -> dict:
+        """action_recovery on the recovery set, keyed as in summary.json and tensorboard (idm_action_r2, ...)."""
         obs = torch.cat([obs_t[recovery_idx], next_obs_t[recovery_idx[:, -1:]]], 1)  # (R, L+1, D)
-        return action_recovery(wm, obs, actions_t[recovery_idx])
+        scores = action_recovery(wm, obs, to_tensor(recovery_actions)[recovery_idx])
+        return {f"idm_action_{k}": v for k, v in scores.items()}
 
     # 1. the world model
     start_time, start_step = time.time(), model_step
@@ -1076,38 +1215,46 @@ if __name__ == "__main__":
             predicted, true = open_loop_prediction(wm, *batch(1, 1)[:2], args.seq_len // 2, args.seq_len // 2)
             figure = open_loop_figure(predicted[0].cpu().numpy(), true[0].cpu().numpy())
             writer.add_figure("world_model/open_loop", figure, model_step)
+            u_inside, u_inside_per_dim = constraint_share()
+            writer.add_scalar("world_model/u_inside_constraint", u_inside, model_step)
+            writer.add_scalar("world_model/u_inside_constraint_per_dim", u_inside_per_dim, model_step)
             if len(recovery_idx) > 0:
-                idm_r2, idm_mse = recovered_actions()
-                writer.add_scalar("world_model/idm_action_r2", idm_r2, model_step)
-                writer.add_scalar("world_model/idm_action_mse", idm_mse, model_step)
-                print(f"model step {model_step}: actions recovered by the IDM: R2 {idm_r2:.3f}, MSE {idm_mse:.4f}", flush=True)
+                recovery = recovered_actions()
+                for k, v in recovery.items():
+                    writer.add_scalar(f"world_model/{k}", v, model_step)
+                print(
+                    f"model step {model_step}: actions recovered by the IDM: R2 {recovery['idm_action_r2']:.3f} (controls: "
+                    f"u = 0 {recovery['idm_action_r2_u_zero']:.3f}, u shuffled {recovery['idm_action_r2_u_shuffled']:.3f}), "
+                    f"MSE {recovery['idm_action_mse']:.4f}",
+                    flush=True,
+                )
             save_checkpoint()
     wm.requires_grad_(False)  # frozen: the actor's gradient flows through it, its weights stay
 
-    def make_policy():
-        """Posterior filtering with the executed latent actions; the action sent is the mean of p(a | s, u)."""
-        memory = {"h": torch.zeros(1, args.deter_dim, device=device), "z": None, "u": None}
+    def make_policy(model_rewards: Optional[list] = None):
+        """A fresh policy for one episode (policy_step: posterior filtering, --eval-filter; the action sent is the mean
+        of p(a | s, u)); it appends to `model_rewards` the list of the rewards the model predicts along the episode."""
+        memory, predicted = {"h": torch.zeros(1, args.deter_dim, device=device), "z": None, "u": None}, []
+        if model_rewards is not None:
+            model_rewards.append(predicted)
 
-        @torch.no_grad()
         def act(o: np.ndarray) -> np.ndarray:
-            e = wm.encoder(to_tensor((o - mean) / std)[None])
-            if memory["u"] is not None:
-                memory["h"] = wm.step(memory["h"], memory["z"], memory["u"])
-            memory["z"] = wm.z_posterior(torch.cat([memory["h"], e], -1))[0]
-            feat = torch.cat([memory["h"], memory["z"]], -1)
-            memory["u"] = constrained_latent_action(wm, feat, actor(feat, deterministic=True)[0], args.epsilon)
-            return wm.action_decoder(torch.cat([feat, memory["u"]], -1))[0].clamp(-1, 1).cpu().numpy()
+            action, reward = policy_step(wm, actor, memory, to_tensor((o - mean) / std)[None], args.epsilon, args.eval_filter)
+            if reward is not None:
+                predicted.append(reward.item())
+            return action[0].cpu().numpy()
 
         return act
 
     # 2. the actor-critic in imagination, on the frozen model
-    start_time, start_step = time.time(), agent_step
+    start_time, start_step, imagined_since_eval = time.time(), agent_step, []
     while agent_step < args.agent_steps:
         obs, actions, rewards = batch(args.batch_size, n_ac)
         with torch.no_grad():
             feat = wm.observe(wm.encoder(obs), actions)["feat"].reshape(-1, feat_dim)  # (B, L+1, F) -> (N, F)
         feats, log_probs = imagine(wm, actor, feat[:, : args.deter_dim], feat[:, args.deter_dim :], args.horizon, args.epsilon)
         imagined_rewards = wm.reward_decoder(feats[1:]).squeeze(-1)  # (H, N): r_t read off s_{t+1}
+        imagined_since_eval.append(imagined_rewards.detach().mean())
         returns = lambda_return(imagined_rewards, values_target(feats).mean(0), args.gamma, args.return_lambda)
         actor_loss = -returns.mean() + args.entropy_coef * log_probs.mean()
         actor_optimizer.zero_grad(set_to_none=True)
@@ -1132,34 +1279,44 @@ if __name__ == "__main__":
             writer.add_scalar("losses/epsilon", args.epsilon, agent_step)
             writer.add_scalar("charts/agent_SPS", (agent_step - start_step) / (time.time() - start_time), agent_step)
         if agent_step % args.eval_every == 0 or agent_step == args.agent_steps:
-            returns_eval, video = evaluate(args, make_policy, dataset["attrs"], seed=args.seed + agent_step)
+            model_rewards = []
+            returns_eval, rewards_eval, video = evaluate(
+                args, partial(make_policy, model_rewards), dataset["attrs"], seed=args.seed + agent_step
+            )
             if video is not None:
                 write_video(writer, run_dir, video, agent_step)
             evals.append((agent_step, float(returns_eval.mean())))
             writer.add_scalar("eval/episodic_return", returns_eval.mean(), agent_step)
             writer.add_scalar("eval/normalized_score", returns_eval.mean() / 10, agent_step)
+            exploitation = reward_gap(torch.stack(imagined_since_eval).mean().item(), rewards_eval, model_rewards)
+            imagined_since_eval = []
+            for k, v in exploitation.items():
+                if v is not None:
+                    writer.add_scalar(f"eval/{k}", v, agent_step)
             sps = (agent_step - start_step) / (time.time() - start_time)
             eta = (args.agent_steps - agent_step) / sps
             print(
                 f"agent step {agent_step}/{args.agent_steps} | return {returns_eval.mean():7.1f} ± {returns_eval.std():5.1f} "
-                f"| imagined return {returns.mean().item():7.2f} | {sps:4.1f} steps/s | ETA {eta / 60:5.1f} min",
+                f"| imagined return {returns.mean().item():7.2f} | reward per step: imagined "
+                f"{exploitation['imagined_reward']:.3f}, real {exploitation['real_reward']:.3f} | {sps:4.1f} steps/s "
+                f"| ETA {eta / 60:5.1f} min",
                 flush=True,
             )
             save_checkpoint()
 
-    idm_r2, idm_mse = recovered_actions() if len(recovery_idx) > 0 else (None, None)  # null: no recovery set
-    recovery = {"idm_action_r2": idm_r2, "idm_action_mse": idm_mse, "recovery_episodes": recovery_episodes.tolist()}
+    if not (run_dir / "checkpoint.pt").exists():  # evaluation only (--agent-steps 0): the loaded networks
+        save_checkpoint()
+    u_inside, u_inside_per_dim = constraint_share()
+    diagnostics = {"u_inside_constraint": u_inside, "u_inside_constraint_per_dim": u_inside_per_dim, **exploitation}
+    keys = ("idm_action_r2", "idm_action_mse", "idm_action_r2_u_zero", "idm_action_r2_u_shuffled")
+    diagnostics.update(recovered_actions() if len(recovery_idx) > 0 else dict.fromkeys(keys))  # null: no recovery set
+    diagnostics.update(recovery_episodes=recovery_episodes.tolist())
+    final = final_evaluation(args, make_policy, dataset["attrs"], writer, agent_step)
     write_summary(
-        run_dir,
-        args,
-        evals,
-        dataset["labeled_episodes"],
-        commit,
-        free_nats=free_nats,
-        flag_changes=settings["changes"],
-        **recovery,
+        run_dir, args, settings, evals, final, dataset["labeled_episodes"], commit, free_nats=free_nats, **diagnostics
     )
     if args.save_model:
         save_safely(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "model.pt")
     writer.close()
-    print(f"final normalized score {evals[-1][1] / 10:.1f} (best {max(r for _, r in evals) / 10:.1f}); see {run_dir}")
+    best = f" (best periodic evaluation {max(r for _, r in evals) / 10:.1f})" if evals else ""
+    print(f"final normalized score {final['final_return'] / 10:.1f}{best}; see {run_dir}")

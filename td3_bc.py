@@ -15,7 +15,7 @@ import random
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -56,6 +56,9 @@ class Args:
     """gradient steps between evaluations (each one also writes a checkpoint)"""
     eval_episodes: int = 10
     """episodes per evaluation in the real environment"""
+    final_eval_episodes: int = 50
+    """episodes of the final evaluation of the trained policy, whose mean return is the run's result (`final_return`
+    in summary.json, with its standard error); the periodic evaluations only show the learning curve"""
     save_model: bool = False
     """write the final networks and optimizers to `{run folder}/model.pt`"""
     resume: bool = False
@@ -134,8 +137,8 @@ FORMAT_VERSION = 1  # the newest dataset format this file reads
 # flags a resumed run may change (how long it trains, how it evaluates and logs, where its files are): a change of
 # any other flag would make one run of two settings, so --resume refuses it
 RESUMABLE_FLAGS = ("resume", "run_name", "runs_dir", "datasets_dir", "exp_name", "cuda", "torch_deterministic", "eval_every",
-                   "eval_episodes", "save_model", "capture_video", "video_size", "log_every", "total_steps", "model_steps",
-                   "agent_steps")  # fmt: skip
+                   "eval_episodes", "final_eval_episodes", "save_model", "capture_video", "video_size", "log_every",
+                   "total_steps", "model_steps", "agent_steps")  # fmt: skip
 
 
 def env_dims(name: str) -> tuple[int, int]:
@@ -307,10 +310,10 @@ def check_split(
 
 
 def evaluate(args: Args, make_policy, attrs: dict, seed: int):
-    """Returns of `args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh
-    `obs -> action` for each episode (so a policy with memory starts clean). With --capture-video, also the first
-    episode rendered, {"frames": (T, size, size, 3) uint8, each frame the state an action is taken in, "fps": ...};
-    else None."""
+    """`args.eval_episodes` episodes in the real environment; `make_policy()` gives a fresh `obs -> action` for each
+    episode (so a policy with memory starts clean). Returns their returns (episodes,), their rewards (a list of (T,)
+    arrays, one per episode) and, with --capture-video, the first episode rendered, {"frames": (T, size, size, 3)
+    uint8, each frame the state an action is taken in, "fps": ...}; else None."""
     env = make_env(args.env, seed)
     frames = []
 
@@ -321,12 +324,28 @@ def evaluate(args: Args, make_policy, attrs: dict, seed: int):
 
         return act
 
-    returns = []
+    rewards = []
     for i in range(args.eval_episodes):
         policy = filmed(make_policy()) if args.capture_video and i == 0 else make_policy()
-        returns.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2].sum())
+        rewards.append(rollout(env, policy, int(attrs["episode_length"]), int(attrs["action_repeat"]))[2])
     video = {"frames": np.stack(frames), "fps": 1 / (env.control_timestep() * int(attrs["action_repeat"]))} if frames else None
-    return np.array(returns), video
+    return np.array([r.sum() for r in rewards]), rewards, video
+
+
+def final_evaluation(args: Args, make_policy, attrs: dict, writer: SummaryWriter, step: int) -> dict:
+    """The run's result: the final policy on `--final-eval-episodes` episodes, in an environment seeded with the run's
+    seed (the periodic evaluations use seed + step), without video. Offline RL cannot pick its best checkpoint in the
+    real environment, so this mean, not the best periodic evaluation, is the score to report. Returns the summary's
+    `final_return`, `final_return_stderr` (sample std / sqrt(n); None for one episode) and `final_eval_episodes`;
+    logs eval/final_return and eval/final_normalized_score at `step`."""
+    final_args = replace(args, eval_episodes=args.final_eval_episodes, capture_video=False)
+    returns = evaluate(final_args, make_policy, attrs, seed=args.seed)[0]
+    n = len(returns)
+    stderr = float(returns.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    writer.add_scalar("eval/final_return", returns.mean(), step)
+    writer.add_scalar("eval/final_normalized_score", returns.mean() / 10, step)
+    print(f"final evaluation: return {returns.mean():.1f} ± {stderr or 0:.1f} (standard error, {n} episodes)", flush=True)
+    return {"final_return": float(returns.mean()), "final_return_stderr": stderr, "final_eval_episodes": n}
 
 
 def render_frame(env, size: int) -> np.ndarray:
@@ -493,17 +512,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_summary(run_dir: Path, args: Args, evals: list, labeled_episodes, commit: str, **extra):
-    """`summary.json`: final and best scores (normalized score = return / 10), the split and the settings. Written to
-    a temporary file and renamed, so a summary.json that exists is complete."""
+def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, commit: str, **extra):
+    """`summary.json`: the result, `final_return` (the mean return of final_evaluation, with its standard error and
+    number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
+    evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
+    environment; the split and the settings (with the dataset's sha256, so that utils/grid.py knows a run made on other
+    data). Written to a temporary file and renamed, so a summary.json that exists is complete."""
     returns = [r for _, r in evals]
     summary = {
-        "final_return": returns[-1],
-        "final_normalized_score": returns[-1] / 10,
-        "best_normalized_score": max(returns) / 10,
+        **final,
+        "final_normalized_score": final["final_return"] / 10,
+        "best_normalized_score": max(returns) / 10 if returns else None,
         "evaluations": [{"step": s, "return": r} for s, r in evals],
         "labeled_episodes": [int(e) for e in labeled_episodes],
         "args": asdict(args),
+        "script": settings["script"],
+        "dataset_sha256": settings["dataset_sha256"],
+        "flag_changes": settings["changes"],
         "git_commit": commit,
         **extra,
     }
@@ -599,7 +624,7 @@ def actor_loss(actor, critic, batch, alpha: float):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     commit = git_commit()  # recorded at the start: the code that runs, whatever changes later
-    for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "policy_freq"):
+    for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "final_eval_episodes", "policy_freq"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     # every input is checked before any work: the dataset, the split, rendering, the run folder, the checkpoint
@@ -680,7 +705,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/SPS", sps, step + 1)
             writer.add_scalar("charts/progress", (step + 1) / args.total_steps, step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            returns, video = evaluate(args, lambda: act, dataset["attrs"], seed=args.seed + step + 1)
+            returns, _, video = evaluate(args, lambda: act, dataset["attrs"], seed=args.seed + step + 1)
             if video is not None:
                 write_video(writer, run_dir, video, step + 1)
             evals.append((step + 1, float(returns.mean())))
@@ -697,9 +722,11 @@ if __name__ == "__main__":
             state.update(step=step + 1, evals=evals, torch_rng=torch.get_rng_state(), settings=settings)
             save_safely(state, run_dir / "checkpoint.pt")
 
-    write_summary(run_dir, args, evals, dataset["labeled_episodes"], commit, flag_changes=settings["changes"])
+    final = final_evaluation(args, lambda: act, dataset["attrs"], writer, args.total_steps)
+    write_summary(run_dir, args, settings, evals, final, dataset["labeled_episodes"], commit)
     if args.save_model:
         stats = {"obs_mean": torch.as_tensor(mean), "obs_std": torch.as_tensor(std), "settings": settings}
         save_safely({k: net.state_dict() for k, net in nets.items()} | stats, run_dir / "model.pt")
     writer.close()
-    print(f"final normalized score {evals[-1][1] / 10:.1f} (best {max(r for _, r in evals) / 10:.1f}); see {run_dir}")
+    best = max(r for _, r in evals) / 10
+    print(f"final normalized score {final['final_return'] / 10:.1f} (best periodic evaluation {best:.1f}); see {run_dir}")

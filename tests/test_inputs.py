@@ -29,6 +29,8 @@ TINY = {  # a few steps at tiny sizes, so a run that passes the checks ends with
                 "--stoch-dim", "2", "--hidden-dim", "8", "--horizon", "2", "--num-values", "1", "--log-every", "2",
                 "--latent-action-dim", "2"],
 }  # fmt: skip
+for tiny in TINY.values():  # the final evaluation's default of 50 episodes would take most of a test's time
+    tiny += ["--final-eval-episodes", "2"]
 
 
 def one_line_error(out: subprocess.CompletedProcess) -> str:
@@ -228,7 +230,7 @@ def test_split_checks(fake_datasets):
         ("idm_td3_bc.py", ["--labeled-fraction", "0.05"], "idm_td3_bc.py needs at least 2 labeled trajectories"),
         ("c_lap.py", ["--seq-len", "60"], "no labeled trajectory is 60 steps long (the longest has 50)"),
         ("lawm.py", ["--seq-len", "60", "--labeled-fraction", "0.5"], "no labeled trajectory is 60 steps long"),
-        ("lawm.py", ["--labeled-fraction", "1.0", "--recovery-fraction", "0"], "lawm.py learns from action-free trajectories"),
+        ("lawm.py", ["--labeled-fraction", "1.0"], "lawm.py learns from action-free trajectories"),
         ("c_lap.py", ["--seq-len", "1"], "--seq-len must be at least 2"),
         ("lawm.py", ["--batch-size", "1"], "--batch-size must be at least 2"),
     ],
@@ -302,8 +304,8 @@ def test_model_checkpoint_of_other_settings_is_refused(fake_datasets, tmp_path):
                      check=False)  # fmt: skip
     assert f"error: {model} was made with --labeled-fraction 1.0 (this run: 0.05)" in one_line_error(out)
     out = run_script(
-        "lawm.py", *TINY["lawm.py"], *flags, "--labeled-fraction", "1.0", "--model-checkpoint", model, check=False
-    )
+        "lawm.py", *TINY["lawm.py"], *flags, "--labeled-fraction", "0.5", "--model-checkpoint", model, check=False
+    )  # (lawm.py needs action-free trajectories: --labeled-fraction 1.0 would stop at the split)
     assert "was written by c_lap.py, not lawm.py" in one_line_error(out)
     out = run_script("c_lap.py", *TINY["c_lap.py"], *flags, "--labeled-fraction", "1.0", "--deter-dim", "16",
                      "--model-checkpoint", model, check=False)  # fmt: skip
@@ -339,11 +341,12 @@ def test_full_disk_keeps_the_previous_files(tmp_path):
         td3_bc.save_safely({"step": 2}, path)
     assert str(e.value).startswith(f"error: cannot write {path} (No space left on device); the previous one is kept")
     assert torch.load(path, weights_only=True) == {"step": 1} and not (tmp_path / "checkpoint.pt.tmp").exists()
-    args = td3_bc.Args()
-    td3_bc.write_summary(tmp_path, args, [(1, 10.0)], [0], "c")
+    args, settings = td3_bc.Args(), {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": []}
+    final = {"final_return": 10.0, "final_return_stderr": 1.0, "final_eval_episodes": 2}
+    td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0)], final, [0], "c")
     (tmp_path / "summary.json.tmp").symlink_to("/dev/full")
     with pytest.raises(SystemExit, match="No space left on device"):
-        td3_bc.write_summary(tmp_path, args, [(1, 10.0), (2, 20.0)], [0], "c")
+        td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0), (2, 20.0)], final | {"final_return": 20.0}, [0], "c")
     assert json.loads((tmp_path / "summary.json").read_text())["final_return"] == 10.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "summary.json"]
 

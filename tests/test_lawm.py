@@ -16,7 +16,7 @@ import lawm
 
 TINY = ["--batch-size", "4", "--seq-len", "10", "--deter-dim", "32", "--stoch-dim", "4", "--hidden-dim", "32",
         "--latent-action-dim", "3", "--horizon", "3", "--num-values", "2", "--log-every", "5",
-        "--eval-episodes", "1"]  # fmt: skip
+        "--eval-episodes", "1", "--final-eval-episodes", "2"]  # fmt: skip
 
 
 def small_args(**kw) -> lawm.Args:
@@ -83,17 +83,14 @@ def test_the_action_free_path_cannot_reach_an_action():
     assert any(p.grad is not None and (p.grad != 0).any() for p in wm.idm.parameters())
 
 
-def test_recovery_split_and_batch_composition():
-    labeled = np.array([2, 5, 7, 11, 13, 17, 19, 23, 29, 31])
-    trained, recovery = lawm.recovery_split(labeled, 0.2, split_seed=0)
-    assert len(recovery) == 2 and len(trained) == 8 and set(trained) | set(recovery) == set(labeled)
-    assert not set(trained) & set(recovery)
-    again, recovery_again = lawm.recovery_split(labeled, 0.2, split_seed=0)
-    assert (recovery_again == recovery).all() and (again == trained).all()  # deterministic for a split seed
-    assert len(lawm.recovery_split(labeled, 0.01, 0)[1]) == 1  # at least one ...
-    assert len(lawm.recovery_split(labeled[:2], 0.9, 0)[0]) == 1  # ... and never every labeled trajectory
-    assert len(lawm.recovery_split(labeled[:1], 0.5, 0)[1]) == 0
-    assert len(lawm.recovery_split(labeled, 0.0, 0)[1]) == 0
+def test_recovery_set_and_batch_composition(fake_datasets):
+    action_free = np.array([2, 5, 7, 11, 13, 17, 19, 23, 29, 31])
+    recovery = lawm.recovery_set(action_free, 3, split_seed=0)
+    assert len(recovery) == 3 and set(recovery) <= set(action_free) and (np.diff(recovery) > 0).all()
+    assert (lawm.recovery_set(action_free, 3, split_seed=0) == recovery).all()  # deterministic for a split seed
+    assert any((lawm.recovery_set(action_free, 3, split_seed=s) != recovery).any() for s in range(1, 4))
+    assert (lawm.recovery_set(action_free, 50, 0) == action_free).all()  # all of them when there are fewer
+    assert len(lawm.recovery_set(action_free, 0, 0)) == 0  # the diagnostic off
     # both kinds in every batch, in the ratio asked, while both kinds exist
     assert lawm.windows_with_actions(16, 0.25, has_action_free=True) == 4
     assert lawm.windows_with_actions(16, 0.01, has_action_free=True) == 1
@@ -104,16 +101,60 @@ def test_recovery_split_and_batch_composition():
     assert windows[:, 0].tolist() == [0, 10] and (windows == windows[:, :1] + np.arange(10)).all()
 
 
-def test_action_recovery_scores_a_perfect_and_a_useless_decoder():
+def test_recovery_actions_are_read_for_the_recovery_set_only(fake_datasets):
+    """load_dataset hides the actions of the action-free trajectories; read_recovery_actions reads those of the
+    recovery set, and no others, from the file."""
+    args = lawm.Args(datasets_dir=str(fake_datasets), labeled_fraction=0.3)
+    dataset = lawm.load_dataset(args)
+    with h5py.File(dataset["path"], "r") as f:
+        stored = f["actions"][()]
+    action_free = np.setdiff1d(np.arange(20), dataset["labeled_episodes"])
+    recovery = lawm.recovery_set(action_free, 4, args.split_seed)
+    actions = lawm.read_recovery_actions(dataset, recovery)
+    in_recovery = np.zeros(len(stored), dtype=bool)
+    for e in recovery:
+        in_recovery[dataset["episode_starts"][e] : dataset["episode_ends"][e]] = True
+    assert np.isnan(dataset["actions"][in_recovery]).all()  # what training gets
+    assert np.array_equal(actions[in_recovery], stored[in_recovery])  # what the diagnostic gets
+    assert np.isnan(actions[~in_recovery]).all()
+
+
+class ToyDecoder(torch.nn.Module):
+    """p(a | s, u) of a toy model: a = tanh(s W_s + u W_u), reading u with weight `u_weight` (0: ignores u)."""
+
+    def __init__(self, feat_dim: int, u_dim: int, act_dim: int, u_weight: float):
+        super().__init__()
+        self.feat_dim, self.w_s = feat_dim, torch.randn(feat_dim, act_dim) / feat_dim**0.5
+        self.w_u = u_weight * torch.randn(u_dim, act_dim)
+
+    def forward(self, x):
+        return torch.tanh(x[..., : self.feat_dim] @ self.w_s + x[..., self.feat_dim :] @ self.w_u)
+
+
+def test_action_recovery_and_its_controls_on_toy_models():
+    """A decoder that returns the true actions scores R2 = 1, MSE = 0. With true actions that a toy decoder makes
+    from the filtered states and the IDM's latent actions: if it ignores u (behaviour cloned from s_t alone), u = 0
+    and u shuffled in time score as well as the IDM's u; if it reads u, only the IDM's own u recovers them."""
     torch.manual_seed(0)
     wm = lawm.WorldModel(5, 2, small_args())
-    obs, true = torch.randn(3, 7, 5), torch.rand(3, 6, 2) * 1.6 - 0.8
-    r2, mse = lawm.action_recovery(wm, obs, true)
-    assert r2 < 0.5 and mse > 0
+    obs, true = torch.randn(6, 9, 5), torch.rand(6, 8, 2) * 1.6 - 0.8
     del wm.action_decoder
     wm.action_decoder = lambda x: true  # a decoder that happens to return the true actions
-    r2, mse = lawm.action_recovery(wm, obs, true)
-    assert r2 == pytest.approx(1.0) and mse == pytest.approx(0.0)
+    scores = lawm.action_recovery(wm, obs, true)
+    assert scores["r2"] == pytest.approx(1.0) and scores["mse"] == pytest.approx(0.0)
+    for u_weight in (0.0, 2.0):
+        wm.action_decoder = ToyDecoder(20, 3, 2, u_weight)
+        torch.manual_seed(1)  # the same noise in the filter here and in action_recovery: the same states
+        with torch.no_grad():
+            s = wm.observe(wm.encoder(obs), torch.zeros(0, 8, 2))
+            true = wm.action_decoder(torch.cat([s["feat"][:, :-1], s["uq_mean"]], -1))
+        torch.manual_seed(1)
+        scores = lawm.action_recovery(wm, obs, true)
+        assert scores["r2"] == pytest.approx(1.0) and scores["mse"] == pytest.approx(0.0, abs=1e-10)
+        if u_weight == 0:
+            assert scores["r2_u_zero"] == scores["r2_u_shuffled"] == scores["r2"]
+        else:
+            assert scores["r2_u_zero"] < scores["r2"] - 0.2 and scores["r2_u_shuffled"] < scores["r2"] - 0.2, scores
 
 
 def change_actions(path: Path, episodes, seed: int):
@@ -137,26 +178,30 @@ def same_networks(a: dict, b: dict) -> bool:
 
 
 def test_actions_of_action_free_trajectories_change_nothing(tmp_path):
-    """Bit for bit at a fixed seed: new actions for every trajectory LAWM trains on without actions (D_af and the
-    recovery set) leave every network unchanged; new actions for a trajectory it trains with change them."""
+    """Bit for bit at a fixed seed: new actions for every trajectory LAWM trains on without actions (D_af, the
+    recovery set among them) leave every network and every evaluation unchanged, while the recovery diagnostic,
+    which reads the recovery set's true actions, changes; new actions for a labeled trajectory change the networks."""
     path = tmp_path / "datasets" / "cheetah-run" / "medium-replay.hdf5"
     write_dataset(path)
     flags = ["--datasets-dir", tmp_path / "datasets", "--runs-dir", tmp_path / "runs", "--labeled-fraction", "0.3",
-             "--recovery-fraction", "0.2", *TINY, "--eval-every", "6", "--model-steps", "6", "--agent-steps", "3"]  # fmt: skip
+             "--recovery-episodes", "2", *TINY, "--eval-every", "6", "--model-steps", "6", "--agent-steps", "3"]  # fmt: skip
     run_script("lawm.py", *flags, "--run-name", "original")
     summary = json.loads((tmp_path / "runs" / "original" / "summary.json").read_text())
     labeled, recovery = summary["labeled_episodes"], summary["recovery_episodes"]
-    assert len(labeled) == 6 and len(recovery) == 1
     action_free = sorted(set(range(20)) - set(labeled))
-    change_actions(path, action_free + recovery, seed=1)
+    assert len(labeled) == 6 and len(recovery) == 2 and set(recovery) <= set(action_free)
+    change_actions(path, action_free, seed=1)
     run_script("lawm.py", *flags, "--run-name", "changed_action_free")
     changed = json.loads((tmp_path / "runs" / "changed_action_free" / "summary.json").read_text())
     original = final_state(tmp_path / "runs" / "original")
     assert same_networks(original, final_state(tmp_path / "runs" / "changed_action_free"))
-    assert changed["evaluations"] == summary["evaluations"]
-    assert changed["idm_action_mse"] != summary["idm_action_mse"]  # the recovery set's actions only reach the diagnostic
+    assert changed["evaluations"] == summary["evaluations"] and changed["final_return"] == summary["final_return"]
+    for k in ("u_inside_constraint", "imagined_reward", "real_reward", "model_reward"):
+        assert changed[k] == summary[k], k
+    for k in ("idm_action_r2", "idm_action_mse", "idm_action_r2_u_zero", "idm_action_r2_u_shuffled"):
+        assert changed[k] != summary[k], k  # the recovery set's actions reach the diagnostic, and only it
     # the control: the test can fail, since the actions of a trajectory trained with actions do matter
-    change_actions(path, [e for e in labeled if e not in recovery][:1], seed=2)
+    change_actions(path, labeled[:1], seed=2)
     run_script("lawm.py", *flags, "--run-name", "changed_labeled")
     assert not same_networks(original, final_state(tmp_path / "runs" / "changed_labeled"))
 
@@ -164,7 +209,7 @@ def test_actions_of_action_free_trajectories_change_nothing(tmp_path):
 def test_smoke_run_resume_and_model_reuse(fake_datasets, tmp_path):
     flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--labeled-fraction", "0.5", *TINY]
     out = run_script("lawm.py", *flags, "--run-name", "r", "--eval-every", "5", "--model-steps", "5", "--agent-steps", "5")
-    assert re.search(r"9 trajectories with actions .* 11 without .* 1 of them labeled .* 1 of 4 windows", out.stdout)
+    assert re.search(r"10 trajectories with actions .* 10 without .* 10 of them scored .* 1 of 4 windows", out.stdout)
     out = run_script(
         "lawm.py", *flags, "--run-name", "r", "--eval-every", "5", "--model-steps", "10", "--agent-steps", "10",
         "--resume", "--save-model", "--capture-video", "--video-size", "32", env=rendering_env(),
@@ -175,14 +220,37 @@ def test_smoke_run_resume_and_model_reuse(fake_datasets, tmp_path):
     run_dir = tmp_path / "runs" / "r"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [e["step"] for e in summary["evaluations"]] == [5, 10]
-    assert -10 < summary["idm_action_r2"] <= 1 and summary["idm_action_mse"] > 0 and len(summary["recovery_episodes"]) == 1
+    assert -10 < summary["idm_action_r2"] <= 1 and summary["idm_action_mse"] > 0 and len(summary["recovery_episodes"]) == 10
+    assert summary["final_eval_episodes"] == 2 and 0 <= summary["u_inside_constraint"] <= 1
+    for key in ("idm_action_r2_u_zero", "idm_action_r2_u_shuffled", "imagined_minus_real_reward", "model_minus_real_reward"):
+        assert isinstance(summary[key], float), key
     out = run_script("lawm.py", *flags, "--run-name", "r2", "--eval-every", "5", "--model-steps", "10",
                      "--agent-steps", "5", "--model-checkpoint", run_dir / "model.pt")  # fmt: skip
     assert "loaded the world model" in out.stdout and "model step" not in out.stdout
+    # a saved model evaluated again, without training: the same final evaluation, bit for bit, with the actor's filter
+    reuse = ["--model-checkpoint", run_dir / "model.pt", "--agent-steps", "0", "--model-steps", "10"]
+    out = run_script("lawm.py", *flags, *reuse, "--run-name", "eval_actor")
+    assert "loaded the actor" in out.stdout and "evaluation only" in out.stdout
+    again = json.loads((tmp_path / "runs" / "eval_actor" / "summary.json").read_text())
+    assert again["final_return"] == summary["final_return"] and again["evaluations"] == []
+    run_script("lawm.py", *flags, *reuse, "--run-name", "eval_executed", "--eval-filter", "executed")
+    executed = json.loads((tmp_path / "runs" / "eval_executed" / "summary.json").read_text())
+    assert executed["args"]["eval_filter"] == "executed" and executed["final_eval_episodes"] == 2
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    torch.save(state | {"agent_step": 0}, tmp_path / "untrained.pt")  # as a checkpoint written before the actor trained
+    out = run_script("lawm.py", *flags, *reuse, "--model-checkpoint", tmp_path / "untrained.pt", check=False)
+    assert "holds no trained actor" in out.stderr and out.returncode != 0
 
 
 def test_bad_flags_get_one_line_errors(fake_datasets, tmp_path):
-    for flag, value in (("--labeled-ratio", "0"), ("--recovery-fraction", "1.0")):
+    for flag, value in (
+        ("--labeled-ratio", "0"),
+        ("--recovery-episodes", "-1"),
+        ("--kl-balance-u", "1.5"),
+        ("--action-loss-coef", "-1"),
+        ("--final-eval-episodes", "0"),
+        ("--agent-steps", "0"),
+    ):
         out = run_script("lawm.py", "--datasets-dir", fake_datasets, "--runs-dir", tmp_path, flag, value, check=False)
         assert out.returncode != 0 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
 

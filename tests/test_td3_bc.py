@@ -154,7 +154,8 @@ def test_bad_datasets_get_clear_errors(tmp_path):
 
 def test_smoke_run_resume_and_summary(fake_datasets, tmp_path):
     flags = ["--datasets-dir", fake_datasets, "--runs-dir", tmp_path / "runs", "--run-name", "smoke",
-             "--labeled-fraction", "0.5", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1"]  # fmt: skip
+             "--labeled-fraction", "0.5", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1",
+             "--final-eval-episodes", "3"]  # fmt: skip
     run_script("td3_bc.py", *flags, "--total-steps", "100")
     run_dir = tmp_path / "runs" / "smoke"
     again = run_script("td3_bc.py", *flags, "--total-steps", "200", check=False)
@@ -178,9 +179,42 @@ def test_smoke_run_resume_and_summary(fake_datasets, tmp_path):
     assert [e["step"] for e in summary["evaluations"]] == [100, 200]
     assert summary["flag_changes"] == ["--save-model False -> True", "--total-steps 100 -> 200"]  # recorded
     assert summary["final_normalized_score"] == pytest.approx(summary["final_return"] / 10)
+    assert summary["final_eval_episodes"] == 3 and summary["final_return_stderr"] >= 0
     assert len(summary["labeled_episodes"]) == 10 and summary["args"]["labeled_fraction"] == 0.5
     for key in ("best_normalized_score", "git_commit"):
         assert key in summary
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert {"actor", "critic", "actor_optimizer", "obs_mean", "settings"} <= set(state)
     assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_final_evaluation_is_the_result_with_its_standard_error(tmp_path):
+    """The shared final evaluation: --final-eval-episodes episodes at the run's seed, their mean and std / sqrt(n);
+    summary.json reports it as the result and keeps the best periodic evaluation beside it."""
+    from dataclasses import replace
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    args, attrs = td3_bc.Args(final_eval_episodes=4, seed=3, eval_episodes=1), {"episode_length": 20, "action_repeat": 1}
+
+    def random_policies():  # a fresh, seeded random policy stream, so that two evaluations see the same actions
+        rng = np.random.default_rng(0)
+        return lambda: (lambda obs: rng.uniform(-1, 1, 6).astype(np.float32))
+
+    writer = SummaryWriter(str(tmp_path))
+    final = td3_bc.final_evaluation(args, random_policies(), attrs, writer, step=7)
+    returns, rewards, _ = td3_bc.evaluate(replace(args, eval_episodes=4), random_policies(), attrs, seed=args.seed)
+    assert len(rewards) == 4 and all(len(r) == 20 for r in rewards) and returns.std() > 0
+    assert final["final_eval_episodes"] == 4
+    assert final["final_return"] == pytest.approx(returns.mean())
+    assert final["final_return_stderr"] == pytest.approx(returns.std(ddof=1) / 2)
+    one = td3_bc.final_evaluation(replace(args, final_eval_episodes=1), random_policies(), attrs, writer, step=7)
+    assert one["final_return_stderr"] is None  # no spread from one episode
+    settings = {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": []}
+    td3_bc.write_summary(tmp_path, args, settings, [(1, 50.0), (2, 30.0)], final, [0], "c")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_return"] == final["final_return"] and summary["final_return_stderr"] == final["final_return_stderr"]
+    assert summary["final_normalized_score"] == pytest.approx(final["final_return"] / 10)
+    assert summary["best_normalized_score"] == 5.0 and summary["final_eval_episodes"] == 4
+    td3_bc.write_summary(tmp_path, args, settings, [], final, [0], "c")  # evaluation only: no periodic evaluation
+    assert json.loads((tmp_path / "summary.json").read_text())["best_normalized_score"] is None
