@@ -27,12 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 KINDS = ("expert", "medium", "medium-replay", "random", "plan2explore")
 FORMAT_VERSION = 1
-PART_VERSION = 2  # how a seed's share is drawn from its agent; a part of another version is redrawn from the checkpoint
+PART_VERSION = 3  # how a seed's share is drawn from its agent; a part of another version is redrawn from the checkpoint
 # Appendix E: the paper's Dreamer agents trained for 3,000 episodes per seed (1,500 on walker-walk)
 PAPER_TRAIN_EPISODES = {"cheetah-run": 3000, "hopper-stand": 3000, "walker-walk": 1500}
-# our choice: an update-to-data ratio low enough that SAC reaches half the expert's return only after 400+ episodes
-# (at 0.5, SAC got there at episode 230 on cheetah-run and 80 on walker-walk: medium-replay would be too small)
-UPDATE_EVERY = {"cheetah-run": 10, "hopper-stand": 10, "walker-walk": 20}
+SMOOTH_EVALS = 5  # evaluations averaged to tell a policy's level (medium snapshot, expert level): 50 episodes
 
 
 @dataclass
@@ -76,10 +74,11 @@ class Args:
     # SAC (Haarnoja et al. 2018) arguments
     warmup_episodes: int = 10
     """episodes of uniform random actions before the first update (the explorer's are the task agent's, same seed)"""
-    update_every: int | None = None
+    update_every: int = 10
     """environment steps per gradient update of the task agent (10: an update-to-data ratio of 0.1); updates run after
-    each episode. Default per env: 10 for cheetah-run and hopper-stand, 20 for walker-walk, 10 for other tasks. It sets
-    the learning pace: slow enough that the agent reaches half the expert's return only after 400+ episodes"""
+    each episode. It sets the learning pace: slow enough that the agent reaches half the expert's return only after
+    400+ episodes, so that medium-replay holds 400 trajectories per seed (at 0.5, SAC got there after 230 episodes on
+    cheetah-run and 80 on walker-walk), fast enough for a good expert (at 0.05 SAC stalled near 640 on walker-walk)"""
     explorer_update_every: int = 2
     """environment steps per gradient update of the explorer (and of its ensemble) for plan2explore"""
     batch_size: int = 256
@@ -576,9 +575,9 @@ def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, 
     picks = pick_training_episodes(snapshots, len(episodes), args.warmup_episodes, args.trajectories_per_seed)
     expert, medium = picks["expert_snapshot"], picks["medium_snapshot"]
     print(
-        f"seed {seed}: expert at episode {expert['episode']} (eval {expert['eval_return']:.1f}), first at half of it "
-        f"(medium) at episode {medium['episode']} (eval {medium['eval_return']:.1f}), first at 90% of it at episode "
-        f"{picks['episodes_to_expert']}"
+        f"seed {seed}: expert level {picks['expert_level']:.1f} (mean of the last {SMOOTH_EVALS} evaluations), first at "
+        f"half of it (medium snapshot) at episode {medium['episode']}, first at 90% of it at episode "
+        f"{picks['episodes_to_expert']} (evaluations smoothed over {SMOOTH_EVALS})"
     )
     if picks["episodes_to_half_expert"] < args.trajectories_per_seed and "medium-replay" in kinds:
         print(
@@ -587,7 +586,7 @@ def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, 
             "(a larger --update-every slows the agent down)"
         )
     curve = {"eval_episodes": [s["episode"] for s in snapshots], "eval_returns": [s["eval_return"] for s in snapshots]}
-    curve.update({k: picks[k] for k in ("episodes_to_half_expert", "episodes_to_expert")})
+    curve.update({k: picks[k] for k in ("expert_level", "episodes_to_half_expert", "episodes_to_expert")})
     rng = np.random.default_rng(seed + 20_000)
     env = make_env(args.env, seed + 20_000)
     for kind in kinds:
@@ -602,18 +601,27 @@ def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, 
         write_part(work, kind, chosen, info, args, curve)
 
 
+def smoothed_returns(snapshots: list, half_width: int = SMOOTH_EVALS // 2) -> np.ndarray:
+    """The evaluation return of each snapshot averaged with its `half_width` neighbours on each side (fewer at the
+    ends): the level of the policy at that time, not the luck of one evaluation of a few episodes."""
+    r = np.array([s["eval_return"] for s in snapshots], dtype=np.float64)
+    return np.array([r[max(0, i - half_width) : i + half_width + 1].mean() for i in range(len(r))])
+
+
 def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: int) -> dict:
     """Which training episodes (0-based indices) make each kind of one seed. The paper gathers trajectories "while
     training an agent to expert-level performance" and extracts 400 per seed "with the specified characteristic";
     we read the characteristic as the level of the policy that acted, not as the luck of one episode:
-    - the expert snapshot is the final one; the medium snapshot the first whose evaluation reaches half of it;
+    - the expert level is the mean evaluation of the last SMOOTH_EVALS snapshots; the expert snapshot is the final
+      one; the medium snapshot the first whose smoothed evaluation (smoothed_returns) reaches half the expert level;
     - expert: the last `n` training episodes (the agent at the end of training);
     - medium: `n` consecutive training episodes centred on the medium snapshot (after the warm-up);
     - medium-replay: the training episodes before the medium snapshot (warm-up included), evenly thinned to `n`.
-    Also returns the snapshots and the episodes needed to reach half of the expert's and 90% of it."""
-    expert = snapshots[-1]
-    medium = next(s for s in snapshots if s["eval_return"] >= expert["eval_return"] / 2)
-    near_expert = next(s for s in snapshots if s["eval_return"] >= 0.9 * expert["eval_return"])
+    Also returns the snapshots, the expert level and the episodes needed to reach half of it and 90% of it."""
+    level = smoothed_returns(snapshots)
+    expert_level = float(np.mean([s["eval_return"] for s in snapshots[-SMOOTH_EVALS:]]))
+    medium = snapshots[int(np.argmax(level >= expert_level / 2))]  # argmax: the first True (the first snapshot if none)
+    near_expert = snapshots[int(np.argmax(level >= 0.9 * expert_level))]
     m = medium["episode"]  # episodes 0 .. m-1 were collected before the medium snapshot was taken
     start = min(max(warmup, m - n // 2), max(warmup, num_episodes - n))
     before = np.unique(np.linspace(0, m - 1, min(n, m)).round().astype(int))
@@ -621,8 +629,9 @@ def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: i
         "expert": list(range(max(warmup, num_episodes - n), num_episodes)),
         "medium": list(range(start, min(num_episodes, start + n))),
         "medium-replay": [int(i) for i in before],
-        "expert_snapshot": expert,
+        "expert_snapshot": snapshots[-1],
         "medium_snapshot": medium,
+        "expert_level": expert_level,
         "episodes_to_half_expert": m,
         "episodes_to_expert": near_expert["episode"],
     }
@@ -744,6 +753,68 @@ def log_coverage(args: Args, out: Path):
     print(f"coverage figure: {run_dir / 'coverage.png'} (and in tensorboard)")
 
 
+def returns_figure(returns: dict, curves: dict):
+    """The paper's Figure 3 for one env: the histogram of the trajectory returns of every dataset (`returns`: kind ->
+    returns); beside it, the task agent's evaluation return by training episode for every seed (`curves`: seed ->
+    the learning curve kept in its part), with the medium snapshot (the first evaluation at half the final one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    top = max(max(r.max() for r in returns.values()), 1.0)
+    bins = np.linspace(0, top, 41)
+    for kind, r in returns.items():
+        left.hist(r, bins=bins, histtype="step", linewidth=1.5, label=f"{kind} ({len(r)})")
+    left.set(xlabel="trajectory return", ylabel="trajectories", title="returns per dataset")
+    left.legend(fontsize=7)
+    for seed, curve in curves.items():
+        x, y = np.asarray(curve["eval_episodes"]), np.asarray(curve["eval_returns"])
+        (line,) = right.plot(x, y, linewidth=1, label=f"seed {seed}")
+        m = int(curve["episodes_to_half_expert"])
+        right.axvline(m, color=line.get_color(), linestyle=":", linewidth=1)
+        right.axhline(float(curve["expert_level"]) / 2, color=line.get_color(), linestyle="--", linewidth=0.8)
+    right.set(xlabel="training episode", ylabel="evaluation return", title="task agent (dotted: medium snapshot)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def log_returns(args: Args, out: Path, work_root: Path, seeds: list[int]):
+    """Prints each seed's pace (episodes to half the expert's and to 90% of it, the expert's evaluation) and logs the
+    return histograms and learning curves (returns_figure) to `runs/collect_data__{env}__coverage`."""
+    returns = {}
+    for kind in KINDS:
+        if (out / f"{kind}.hdf5").exists():
+            with h5py.File(out / f"{kind}.hdf5", "r") as f:
+                ends = f["terminals"][:] | f["timeouts"][:]
+                starts = np.r_[0, np.flatnonzero(ends)[:-1] + 1]
+                returns[kind] = np.add.reduceat(f["rewards"][:].astype(np.float64), starts)
+    curves = {}
+    for seed in seeds:
+        for kind in ("expert", "medium", "medium-replay"):  # the parts that keep the task agent's learning curve
+            path = work_root / f"seed_{seed}" / f"{kind}.npz"
+            if path.exists():
+                with np.load(path) as part:
+                    if "eval_returns" in part:
+                        curves[seed] = {k: part[k] for k in ("eval_episodes", "eval_returns", "expert_level",
+                                                              "episodes_to_half_expert", "episodes_to_expert")}  # fmt: skip
+                        break
+    for seed, c in curves.items():
+        print(f"seed {seed}: expert level {float(c['expert_level']):.1f} after {c['eval_episodes'][-1]} episodes; half of "
+              f"it first at episode {int(c['episodes_to_half_expert'])}, 90% at {int(c['episodes_to_expert'])}")  # fmt: skip
+    if not returns:
+        return
+    run_dir = Path(args.runs_dir) / f"collect_data__{args.env}__coverage"
+    writer = SummaryWriter(str(run_dir))
+    fig = returns_figure(returns, curves)
+    fig.savefig(run_dir / "returns.png", dpi=100)
+    writer.add_figure("returns", fig, 0)
+    writer.close()
+    print(f"returns figure: {run_dir / 'returns.png'} (and in tensorboard)")
+
+
 def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], path: Path, commit: str) -> dict:
     """Concatenates the per-seed parts into one HDF5 file, written to a temporary name and renamed."""
     data = [dict(np.load(p)) for p in parts]
@@ -787,11 +858,9 @@ def git_commit() -> str:
 
 
 def resolve_defaults(args: Args) -> Args:
-    """Fills the per-env defaults of the flags left unset (`--train-episodes`, `--update-every`)."""
+    """Fills the per-env default of `--train-episodes` when it is not given."""
     if args.train_episodes is None:
         args.train_episodes = PAPER_TRAIN_EPISODES.get(args.env, 3000)
-    if args.update_every is None:
-        args.update_every = UPDATE_EVERY.get(args.env, 10)
     return args
 
 
@@ -866,5 +935,6 @@ if __name__ == "__main__":
             f"{s['return_max']:7.1f}"
         )
     log_coverage(args, out)
+    log_returns(args, out, work_root, seeds)
     print(f"wrote {', '.join(str(out / f'{k}.hdf5') for k in args.kinds)} in {(time.time() - start) / 60:.1f} min")
     sys.exit(0)

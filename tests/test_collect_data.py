@@ -3,6 +3,7 @@ hard kill, and one-line errors."""
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,8 +335,7 @@ def test_per_env_defaults_follow_appendix_e():
         args = cd.resolve_defaults(cd.Args(env=env))
         assert args.train_episodes == episodes and args.trajectories_per_seed == 400
         assert args.episode_length % args.update_every == 0 and args.update_every >= 10
-    args = cd.resolve_defaults(cd.Args(env="walker-walk", train_episodes=50, update_every=5))
-    assert (args.train_episodes, args.update_every) == (50, 5)  # a flag the user sets wins
+    assert cd.resolve_defaults(cd.Args(env="walker-walk", train_episodes=50)).train_episodes == 50  # a flag the user sets wins
 
 
 def snapshots(evals, every=10):
@@ -356,11 +356,22 @@ def test_kinds_are_windows_of_the_training_episodes():
 
 
 def test_medium_replay_is_everything_before_an_early_medium_snapshot():
-    evals = [10, 50, 320, 600, 610, 620]
-    picks = cd.pick_training_episodes(snapshots(evals), 60, warmup=5, n=400)
-    assert picks["medium_snapshot"]["episode"] == 30  # the first at half of 620, not the closest to it
-    assert picks["medium-replay"] == list(range(30))
-    assert picks["medium"] == list(range(5, 60)) and picks["expert"] == list(range(5, 60))  # never the warm-up
+    evals = [0, 0, 0, 600, 600, 600, 600, 600, 600]  # episodes 10, 20, ..., 90
+    picks = cd.pick_training_episodes(snapshots(evals), 100, warmup=5, n=400)
+    # smoothed over 5 evaluations: 0, 150, 240, 360 (at episode 40: the first at half of 600), ...
+    assert picks["expert_level"] == 600 and picks["medium_snapshot"]["episode"] == 40
+    assert picks["medium-replay"] == list(range(40))
+    assert picks["medium"] == list(range(5, 100)) and picks["expert"] == list(range(5, 100))  # never the warm-up
+
+
+def test_one_lucky_evaluation_is_not_the_medium_snapshot():
+    evals = [100] * 10 + [700] + [100] * 10 + [400] * 10 + [800] * 10  # a spike at episode 110
+    picks = cd.pick_training_episodes(snapshots(evals), 410, warmup=10, n=400)
+    assert picks["expert_level"] == 800
+    # smoothed: 220 at the spike; 280, 340, then 400 at episode 240, the first at half of 800
+    assert picks["medium_snapshot"]["episode"] == 240 and picks["episodes_to_half_expert"] == 240
+    assert picks["episodes_to_expert"] == 330  # 400, 400, 800, 800, 800 -> 640; then 720 at episode 330
+    assert np.allclose(cd.smoothed_returns(snapshots([1, 2, 3, 4, 5, 6]))[:3], [2, 2.5, 3])
 
 
 def test_seeds_collected_in_parallel_assemble_into_one_dataset(tmp_path):
@@ -375,8 +386,10 @@ def test_seeds_collected_in_parallel_assemble_into_one_dataset(tmp_path):
     work = tmp_path / "d" / "cheetah-run" / ".work"
     trained = [(work / f"seed_{s}" / "checkpoint.pt").stat().st_mtime_ns for s in (1, 2)]
     flags[flags.index("--num-seeds") + 1] = "2"
-    run(*flags, "--seed", "1", "--resume")
+    out = run(*flags, "--seed", "1", "--resume")
     assert [(work / f"seed_{s}" / "checkpoint.pt").stat().st_mtime_ns for s in (1, 2)] == trained  # nothing retrained
+    assert re.search(r"seed 2: expert eval [-\d.]+ after 12 episodes; half of it first at episode \d+", out.stdout)
+    assert (tmp_path / "runs" / "collect_data__cheetah-run__coverage" / "returns.png").stat().st_size > 1000
     with h5py.File(tmp_path / "d" / "cheetah-run" / "medium-replay.hdf5") as f:
         assert list(f.attrs["collector_seeds"]) == [1, 2]
         parts = [np.load(tmp_path / "d" / "cheetah-run" / ".work" / f"seed_{s}" / "medium-replay.npz") for s in (1, 2)]

@@ -14,6 +14,7 @@ from itertools import product
 from pathlib import Path
 
 import cloudpickle
+import h5py
 import numpy as np
 import pytest
 import submitit
@@ -70,6 +71,14 @@ def test_tiny_grid_end_to_end_and_skip_finished(tiny):
     again = run_grid(tiny, "--seeds", "1", "--workers", "2")
     assert "6 runs: 6 finished, 0 on the cluster, 0 to resume, 0 to start" in again.stdout
     assert all((tiny["runs"] / n / "grid.log").read_text() == log for n, log in logs.items())  # nothing ran again
+
+    # the scripts record the dataset's hash as the grid computes it; a remade dataset is not mixed with the old runs
+    path = tiny["datasets"] / "cheetah-run" / "medium-replay.hdf5"
+    assert all(summary(tiny["runs"] / name)["dataset_sha256"] == grid.dataset_sha256(path) for name in names)
+    with h5py.File(path, "r+") as f:
+        f["rewards"][0] += 1.0
+    remade = run_grid(tiny, "--seeds", "1", "--workers", "2", check=False)
+    assert remade.returncode == 2 and f"trained on another {path}" in remade.stderr
 
 
 def test_a_killed_grid_resumes_its_runs(tiny):

@@ -48,8 +48,8 @@ WORLD_MODEL_CPU = ("--deter-dim 128 --stoch-dim 16 --hidden-dim 128 --batch-size
                    "--model-steps 5000 --agent-steps 1000 --eval-every 250 --eval-episodes 5")  # fmt: skip
 WORLD_MODEL_SMOKE = ("--model-steps 4 --agent-steps 4 --eval-every 2 --eval-episodes 1 --batch-size 4 --seq-len 10 "
                      "--deter-dim 16 --stoch-dim 4 --hidden-dim 16 --latent-action-dim 3 --horizon 3 --num-values 2 "
-                     "--log-every 2")  # fmt: skip
-TD3_BC_SMOKE = "--total-steps 20 --batch-size 16 --hidden-dim 16 --eval-every 10 --eval-episodes 1"
+                     "--log-every 2 --final-eval-episodes 1")  # fmt: skip
+TD3_BC_SMOKE = "--total-steps 20 --batch-size 16 --hidden-dim 16 --eval-every 10 --eval-episodes 1 --final-eval-episodes 1"
 RECIPES = {
     "cpu": {"td3_bc.py": "--total-steps 30000", "idm_td3_bc.py": "--total-steps 30000", "c_lap.py": WORLD_MODEL_CPU,
             "lawm.py": WORLD_MODEL_CPU},
@@ -217,6 +217,21 @@ def read_summary(run_dir: Path) -> Optional[dict]:
         return summary
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def dataset_sha256(path: Path) -> Optional[str]:
+    """The sha256 the training scripts record in summary.json: of the dataset's arrays as stored, in the order of their
+    DATASET_KEYS (None when the file is missing or unreadable; check_datasets reports it)."""
+    import h5py
+
+    digest = hashlib.sha256()
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+                digest.update(f[key][()].tobytes())
+    except (OSError, KeyError, TypeError):
+        return None
+    return digest.hexdigest()
 
 
 def tag(extra: list[str]) -> str:
@@ -422,11 +437,17 @@ def main(args: Args, extra: list[str]) -> int:
     runs = plan(args, extra, threads)
 
     # what is there already: finished runs (refused if made with other settings), interrupted ones, jobs on the cluster
-    finished, conflicts, resumed, active = set(), [], set(), {}
+    finished, conflicts, resumed, active, hashes = set(), [], set(), {}, {}
     for run in runs:
         summary = read_summary(run.run_dir)
         if summary is not None:
             differ = differences(run.flags, summary["args"])
+            path = Path(args.datasets_dir) / run.info["env"] / f"{run.info['dataset']}.hdf5"
+            if path not in hashes:
+                hashes[path] = dataset_sha256(path)
+            if hashes[path] is not None and summary.get("dataset_sha256") != hashes[path]:  # e.g. the data were remade
+                differ.append(f"trained on another {path} (sha256 {str(summary.get('dataset_sha256'))[:12]}, "
+                              f"now {hashes[path][:12]})")  # fmt: skip
             if differ:
                 conflicts.append(f"  {run.run_dir}: {', '.join(differ)}")
             finished.add(run.name)
