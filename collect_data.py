@@ -776,7 +776,8 @@ def returns_figure(returns: dict, curves: dict):
         right.axvline(m, color=line.get_color(), linestyle=":", linewidth=1)
         right.axhline(float(curve["expert_level"]) / 2, color=line.get_color(), linestyle="--", linewidth=0.8)
     right.set(xlabel="training episode", ylabel="evaluation return", title="task agent (dotted: medium snapshot)")
-    right.legend(fontsize=7)
+    if curves:  # (none when only plan2explore was collected)
+        right.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

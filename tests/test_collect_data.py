@@ -243,7 +243,7 @@ FAST = ["--env", "cheetah-run", "--num-seeds", "1", "--train-episodes", "12", "-
 
 EXPLORE = ["--env", "cheetah-run", "--num-seeds", "1", "--warmup-episodes", "1", "--trajectories-per-seed", "8",
            "--kinds", "plan2explore", "--eval-every", "3", "--hidden-dim", "32", "--batch-size", "32", "--ensemble-size",
-           "3", "--ensemble-hidden-dim", "32", "--update-every", "5", "--checkpoint-every", "1"]  # fmt: skip
+           "3", "--ensemble-hidden-dim", "32", "--explorer-update-every", "5", "--checkpoint-every", "1"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -388,7 +388,7 @@ def test_seeds_collected_in_parallel_assemble_into_one_dataset(tmp_path):
     flags[flags.index("--num-seeds") + 1] = "2"
     out = run(*flags, "--seed", "1", "--resume")
     assert [(work / f"seed_{s}" / "checkpoint.pt").stat().st_mtime_ns for s in (1, 2)] == trained  # nothing retrained
-    assert re.search(r"seed 2: expert eval [-\d.]+ after 12 episodes; half of it first at episode \d+", out.stdout)
+    assert re.search(r"seed 2: expert level [-\d.]+ after 12 episodes; half of it first at episode \d+", out.stdout)
     assert (tmp_path / "runs" / "collect_data__cheetah-run__coverage" / "returns.png").stat().st_size > 1000
     with h5py.File(tmp_path / "d" / "cheetah-run" / "medium-replay.hdf5") as f:
         assert list(f.attrs["collector_seeds"]) == [1, 2]
