@@ -543,8 +543,10 @@ def sac_config(args: Args, explore: bool = False) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
     keep = ("env", "action_repeat", "episode_length", "warmup_episodes")
     keep += ("batch_size", "hidden_dim", "learning_rate", "gamma", "tau", "init_alpha")
-    keep += ("explorer_update_every", "ensemble_size", "ensemble_hidden_dim", "disagreement_scale") if explore else ()
-    keep += () if explore else ("update_every", "eval_every", "eval_episodes")
+    if explore:
+        keep += ("explorer_update_every", "ensemble_size", "ensemble_hidden_dim", "disagreement_scale")
+    else:
+        keep += ("update_every", "eval_every", "eval_episodes")
     return {k: getattr(args, k) for k in keep}
 
 
@@ -676,9 +678,14 @@ def part_is_current(path: Path, args: Args) -> bool:
         )
 
 
+def episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The return of every episode from flat rewards and episode-end flags."""
+    return np.add.reduceat(rewards.astype(np.float64), np.r_[0, np.flatnonzero(ends)[:-1] + 1])
+
+
 def return_stats(rewards: np.ndarray, ends: np.ndarray) -> dict:
     """Per-episode return statistics (the paper's Table 4) from flat rewards and episode-end flags."""
-    returns = np.add.reduceat(rewards.astype(np.float64), np.r_[0, np.flatnonzero(ends)[:-1] + 1])
+    returns = episode_returns(rewards, ends)
     q = np.percentile(returns, [25, 50, 75])
     return {
         "num_episodes": len(returns), "return_mean": returns.mean(), "return_std": returns.std(),
@@ -789,9 +796,7 @@ def log_returns(args: Args, out: Path, work_root: Path, seeds: list[int]):
     for kind in KINDS:
         if (out / f"{kind}.hdf5").exists():
             with h5py.File(out / f"{kind}.hdf5", "r") as f:
-                ends = f["terminals"][:] | f["timeouts"][:]
-                starts = np.r_[0, np.flatnonzero(ends)[:-1] + 1]
-                returns[kind] = np.add.reduceat(f["rewards"][:].astype(np.float64), starts)
+                returns[kind] = episode_returns(f["rewards"][:], f["terminals"][:] | f["timeouts"][:])
     curves = {}
     for seed in seeds:
         for kind in ("expert", "medium", "medium-replay"):  # the parts that keep the task agent's learning curve

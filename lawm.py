@@ -1124,6 +1124,7 @@ if __name__ == "__main__":
     recovery_idx = torch.as_tensor(
         consecutive_windows(dataset["episode_starts"], dataset["episode_ends"], recovery_episodes, args.seq_len), device=device
     )
+    recovery_true_actions = to_tensor(recovery_actions)[recovery_idx]  # (R, L, A), once: the file's actions never change
 
     obs_dim, act_dim = obs_t.shape[1], actions_t.shape[1]
     feat_dim = args.deter_dim + args.stoch_dim
@@ -1177,7 +1178,7 @@ if __name__ == "__main__":
     def recovered_actions() -> dict:
         """action_recovery on the recovery set, keyed as in summary.json and tensorboard (idm_action_r2, ...)."""
         obs = torch.cat([obs_t[recovery_idx], next_obs_t[recovery_idx[:, -1:]]], 1)  # (R, L+1, D)
-        scores = action_recovery(wm, obs, to_tensor(recovery_actions)[recovery_idx])
+        scores = action_recovery(wm, obs, recovery_true_actions)
         return {f"idm_action_{k}": v for k, v in scores.items()}
 
     # 1. the world model
