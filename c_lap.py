@@ -131,10 +131,6 @@ class Args:
     """weight of the policy's entropy bonus (the logprob regulariser)"""
     epsilon: float = 1.0
     """the constraint: the policy acts with u = mu_p(s) + epsilon * sigma_p(s) * b, b in (-1, 1)"""
-    imagine_through_actions: bool = False
-    """imagination steps the dynamics with the latent action of the action that the actor's u decodes to, mean of
-    q(u | s, dec(s, u)), not with u itself (not in the paper; docs/lawm.md: a latent action can carry more than the
-    action, and an actor that picks u for that extra part gains in imagination what no action can do)"""
     eval_filter: Literal["actor", "executed"] = "actor"
     """the latent action that advances the filter h_{t+1} = f(h_t, z_t, u_t) in the real environment: `actor`, the
     actor's u_t; `executed`, the mean of q(u_t | s_t, a_t) of the action a_t sent (as in training, where u_t is
@@ -820,22 +816,14 @@ class ValueEnsemble(nn.Module):
         return self.net(x).reshape(self.n, *feat.shape[:-1])  # (n, N, 1) -> (n, ...)
 
 
-def imagine(
-    wm: WorldModel, actor: LatentActor, h: torch.Tensor, z: torch.Tensor, horizon: int, epsilon: float, through_actions: bool
-):
+def imagine(wm: WorldModel, actor: LatentActor, h: torch.Tensor, z: torch.Tensor, horizon: int, epsilon: float):
     """Rolls the prior dynamics `horizon` steps from the states (h, z) (N starts) with the actor's latent
     actions. Gradients flow through the dynamics into the actor. Returns features (H+1, N, F) and the
-    actor's log-probabilities (H, N). With `through_actions` the dynamics step with the latent action of the action the
-    actor's u decodes to, u' = mean of q(u | s, a), a = mean of p(a | s, u) clipped to [-1, 1]: the latent action
-    that executing a in the real environment gives (the filter of --eval-filter executed), so the actor cannot gain
-    from what u carries beyond the action."""
+    actor's log-probabilities (H, N)."""
     feats, log_probs = [torch.cat([h, z], -1)], []
     for _ in range(horizon):
         b, log_prob = actor(feats[-1])
         u = constrained_latent_action(wm, feats[-1], b, epsilon)
-        if through_actions:
-            action = wm.action_decoder(torch.cat([feats[-1], u], -1)).clamp(-1, 1)
-            u = wm.u_posterior(torch.cat([feats[-1], action], -1))[0]
         h = wm.step(h, z, u)
         z_mean, z_std = wm.z_prior(h)
         z = z_mean + z_std * torch.randn_like(z_std)
@@ -1126,15 +1114,7 @@ if __name__ == "__main__":
         obs, actions, rewards = batch(args.batch_size)
         with torch.no_grad():
             feat = wm.observe(wm.encoder(obs), actions)["feat"].reshape(-1, feat_dim)  # (B, L+1, F) -> (N, F)
-        feats, log_probs = imagine(
-            wm,
-            actor,
-            feat[:, : args.deter_dim],
-            feat[:, args.deter_dim :],
-            args.horizon,
-            args.epsilon,
-            args.imagine_through_actions,
-        )
+        feats, log_probs = imagine(wm, actor, feat[:, : args.deter_dim], feat[:, args.deter_dim :], args.horizon, args.epsilon)
         imagined_rewards = wm.reward_decoder(feats[1:]).squeeze(-1)  # (H, N): r_t read off s_{t+1}
         imagined_since_eval.append(imagined_rewards.detach().mean())
         returns = lambda_return(imagined_rewards, values_target(feats).mean(0), args.gamma, args.return_lambda)

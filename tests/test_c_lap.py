@@ -94,9 +94,7 @@ def test_policy_latent_action_stays_inside_the_prior_support():
     u = c_lap.constrained_latent_action(wm, feat, b, args.epsilon)
     mean, std = wm.u_prior(feat)
     assert ((u - mean).abs() <= args.epsilon * std + 1e-5).all()
-    feats, log_probs = c_lap.imagine(
-        wm, actor, torch.zeros(8, 16), torch.zeros(8, 4), horizon=4, epsilon=args.epsilon, through_actions=False
-    )
+    feats, log_probs = c_lap.imagine(wm, actor, torch.zeros(8, 16), torch.zeros(8, 4), horizon=4, epsilon=args.epsilon)
     assert feats.shape == (5, 8, 20) and log_probs.shape == (4, 8)
 
 
