@@ -213,7 +213,8 @@ def write_report(runs_dir: Path, out: Path):
              f"Written by `python utils/report.py --runs-dir {runs_dir} --out {out}` (also at the end of `utils/grid.py`, "
              f"[grid.md]({guide})) from the run folders; do not edit by hand.",
              "A cell is the mean ± std (over seeds, ddof 0) of the runs' final normalized score (return / 10 of the "
-             "final evaluation, `--final-eval-episodes` episodes after training), with the number of seeds in parentheses; the best mean of each row is in bold; † marks a "
+             "final evaluation, `--final-eval-episodes` episodes after training), with the number of seeds in "
+             "parentheses; the best mean of each row is in bold; † marks a "
              "cell whose seeds ran different commits. The aggregate is the interquartile mean (IQM) over all runs of "
              f"all cells of a column with a 95% stratified bootstrap confidence interval ({BOOTSTRAP_REPS:,} resamples "
              "of the runs within each cell, percentile interval; Agarwal et al. 2021, the method of rliable).",
