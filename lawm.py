@@ -109,10 +109,11 @@ class Args:
     """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
     kl_balance: float = 0.8
     """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
-    kl_balance_u: Optional[float] = None
-    """KL balancing of the latent action KL alone (None: the same as --kl-balance); with lawm.py's parameter-free
-    N(0, I) prior the share `balance` of the u-KL gradient has no parameters to train, so the u-KL acts on the
-    posterior at weight 1 - balance"""
+    kl_balance_u: Optional[float] = 0.0
+    """KL balancing of the latent action KL alone (None: the same as --kl-balance). The N(0, I) prior has no
+    parameters, so a share `balance` of the u-KL gradient trains nothing and the u-KL acts on the posterior at weight
+    1 - balance; 0 keeps the ELBO's weight 1, which keeps the data's latent actions where the constraint lets the
+    actor act (at 0.8 the actor exploited the model on walker-walk: docs/lawm.md)"""
     action_loss_coef: float = 1.0
     """weight of -log p(a_t|s_t,u_t), a unit-variance Gaussian on actions in [-1, 1], in the world model's loss"""
     align_coef: float = 1.0

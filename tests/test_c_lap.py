@@ -231,13 +231,13 @@ def kl_balanced(post, prior, balance):
 
 @pytest.mark.parametrize("module", [c_lap, lawm])
 def test_loss_knobs_by_hand(module):
-    """The world model's loss (value and gradient) by hand: the defaults give the loss as it was before
-    --kl-balance-u and --action-loss-coef (u-KL balanced like the z-KL, action term at weight 1); the knobs change
-    only what they name."""
+    """The world model's loss (value and gradient) by hand: the defaults (c_lap.py: u-KL balanced like the z-KL; lawm.py:
+    u-KL at the ELBO's weight 1 on the posterior; action term at weight 1); the knobs change only what they name."""
     nll = lambda x, mean: (0.5 * (x - mean) ** 2 + 0.5 * np.log(2 * np.pi)).sum(-1).mean()  # noqa: E731
     obs, actions, rewards = torch.randn(3, 7, 5), torch.rand(3, 6, 2) * 2 - 1, torch.randn(3, 6)
     n_ac = 3 if module is c_lap else 2  # lawm: the first two windows have actions, the third is action-free
-    for knobs, (balance_u, coef) in (({}, (0.8, 1.0)), ({"kl_balance_u": 0.3, "action_loss_coef": 2.5}, (0.3, 2.5))):
+    default_u = 0.8 if module is c_lap else 0.0  # lawm.py: the whole u-KL on the posterior (its prior has no parameters)
+    for knobs, (balance_u, coef) in (({}, (default_u, 1.0)), ({"kl_balance_u": 0.3, "action_loss_coef": 2.5}, (0.3, 2.5))):
         args = module.Args(deter_dim=16, stoch_dim=4, hidden_dim=16, latent_action_dim=3, kl_balance=0.8, **knobs)
         torch.manual_seed(0)
         wm = module.WorldModel(5, 2, args)
