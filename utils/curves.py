@@ -41,7 +41,8 @@ def read_scalars(run_dir: Path) -> dict:
         for tag in acc.Tags()["scalars"]:
             points = scalars.setdefault(tag, {})
             points.update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: (sorted(p), [p[s] for s in sorted(p)]) for tag, p in scalars.items()}
+    steps = {tag: sorted(p) for tag, p in scalars.items()}
+    return {tag: (steps[tag], [p[s] for s in steps[tag]]) for tag, p in scalars.items()}
 
 
 def plot(runs: list[Path], labels: list[str], tags: list[str], out: Path, title: str):
