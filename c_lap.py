@@ -103,6 +103,9 @@ class Args:
     """lower bound of the standard deviations of z_t and u_t"""
     free_nats: Optional[float] = None
     """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
+    free_nats_u: Optional[float] = None
+    """free nats of the latent action KL alone (None: the same as --free-nats); the u-KL caps what u_t can say about
+    a_t, so a larger value lets u_t carry more of the action"""
     kl_balance: float = 0.8
     """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
     kl_balance_u: Optional[float] = None
@@ -769,7 +772,8 @@ def elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_nats: floa
     action_loss = gaussian_nll(actions, wm.action_decoder(torch.cat([feat[:, :-1], s["u"]], -1))).mean()
     kl_z_loss, kl_z = kl_loss((s["zq_mean"], s["zq_std"]), (s["zp_mean"], s["zp_std"]), args.kl_balance, free_nats)
     balance_u = args.kl_balance if args.kl_balance_u is None else args.kl_balance_u
-    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u, free_nats)
+    free_nats_u = free_nats if args.free_nats_u is None else args.free_nats_u
+    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u, free_nats_u)
     loss = obs_loss + reward_loss + args.action_loss_coef * action_loss + kl_z_loss + kl_u_loss
     metrics = {"obs_loss": obs_loss, "reward_loss": reward_loss, "action_loss": action_loss, "kl_z": kl_z, "kl_u": kl_u}
     return loss, metrics, s
@@ -955,6 +959,8 @@ if __name__ == "__main__":
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.kl_balance_u is not None and not 0 <= args.kl_balance_u <= 1:
         raise SystemExit(f"error: --kl-balance-u must be in [0, 1], got {args.kl_balance_u}")
+    if args.free_nats_u is not None and args.free_nats_u < 0:
+        raise SystemExit(f"error: --free-nats-u must be at least 0, got {args.free_nats_u}")
     if args.action_loss_coef < 0:
         raise SystemExit(f"error: --action-loss-coef must be at least 0, got {args.action_loss_coef}")
     if args.seq_len < 2:

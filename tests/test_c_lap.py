@@ -216,8 +216,9 @@ def test_eval_filter(module):
             assert torch.equal(a1, a2) and torch.equal(u1, u2) and (r1 is None or torch.equal(r1, r2))
 
 
-def kl_balanced(post, prior, balance):
-    """KL balancing by hand with torch.distributions, free nats 0: `balance` of the gradient to the prior."""
+def kl_balanced(post, prior, balance, free_nats=0.0):
+    """KL balancing by hand with torch.distributions: `balance` of the gradient to the prior, each side's mean KL
+    clamped below at `free_nats`."""
     kl = (
         lambda q, p: torch.distributions.kl_divergence(  # noqa: E731
             torch.distributions.Normal(*q), torch.distributions.Normal(*p)
@@ -226,30 +227,37 @@ def kl_balanced(post, prior, balance):
         .mean()
     )
     sg = lambda d: tuple(x.detach() for x in d)  # noqa: E731
-    return balance * kl(sg(post), prior) + (1 - balance) * kl(post, sg(prior))
+    return balance * kl(sg(post), prior).clamp(min=free_nats) + (1 - balance) * kl(post, sg(prior)).clamp(min=free_nats)
 
 
 @pytest.mark.parametrize("module", [c_lap, lawm])
 def test_loss_knobs_by_hand(module):
     """The world model's loss (value and gradient) by hand: the defaults (c_lap.py: u-KL balanced like the z-KL; lawm.py:
-    u-KL at the ELBO's weight 1 on the posterior; action term at weight 1); the knobs change only what they name."""
+    u-KL at the ELBO's weight 1 on the posterior; action term at weight 1; free nats of the u-KL those of the z-KL); the
+    knobs change only what they name."""
     nll = lambda x, mean: (0.5 * (x - mean) ** 2 + 0.5 * np.log(2 * np.pi)).sum(-1).mean()  # noqa: E731
     obs, actions, rewards = torch.randn(3, 7, 5), torch.rand(3, 6, 2) * 2 - 1, torch.randn(3, 6)
     n_ac = 3 if module is c_lap else 2  # lawm: the first two windows have actions, the third is action-free
     default_u = 0.8 if module is c_lap else 0.0  # lawm.py: the whole u-KL on the posterior (its prior has no parameters)
-    for knobs, (balance_u, coef) in (({}, (default_u, 1.0)), ({"kl_balance_u": 0.3, "action_loss_coef": 2.5}, (0.3, 2.5))):
+    cases = (
+        ({}, (default_u, 1.0, 0.0)),
+        ({"kl_balance_u": 0.3, "action_loss_coef": 2.5}, (0.3, 2.5, 0.0)),
+        ({"free_nats_u": 2.0}, (default_u, 1.0, 2.0)),
+    )
+    for knobs, (balance_u, coef, free_nats_u) in cases:
         args = module.Args(deter_dim=16, stoch_dim=4, hidden_dim=16, latent_action_dim=3, kl_balance=0.8, **knobs)
         torch.manual_seed(0)
         wm = module.WorldModel(5, 2, args)
         loss_fn = c_lap.elbo_loss if module is c_lap else lawm.unified_elbo_loss
-        loss, _, s = loss_fn(wm, obs, actions[:n_ac], rewards, args, free_nats=0.0)
+        loss, metrics, s = loss_fn(wm, obs, actions[:n_ac], rewards, args, free_nats=0.0)
+        assert free_nats_u == 0 or metrics["kl_u"] < free_nats_u  # the clamp acts on this small model's u-KL
         feat = s["feat"]
         action_term = nll(actions[:n_ac], wm.action_decoder(torch.cat([feat[:n_ac, :-1], s["u"][:n_ac]], -1)))
         by_hand = (
             nll(obs, wm.obs_decoder(feat))
             + nll(rewards[..., None], wm.reward_decoder(feat[:, 1:]))
             + kl_balanced((s["zq_mean"], s["zq_std"]), (s["zp_mean"], s["zp_std"]), 0.8)
-            + kl_balanced((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u)
+            + kl_balanced((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u, free_nats_u)
         )
         if module is c_lap:
             by_hand = by_hand + coef * action_term
