@@ -109,8 +109,8 @@ class Args:
     """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
     free_nats_u: Optional[float] = None
     """free nats of the latent action KL alone (None: the same as --free-nats); the u-KL caps what u_t can say about
-    a_t, but on walker-walk 3 nats let the data's latent actions leave the constraint and 6 let u_t carry the next
-    observation instead of the action (docs/lawm.md)"""
+    a_t, but with lawm.py on walker-walk 3 nats let the data's latent actions leave the constraint and 6 let u_t
+    carry the next observation instead of the action (docs/lawm.md)"""
     kl_balance: float = 0.8
     """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
     kl_balance_u: Optional[float] = 0.0
