@@ -143,6 +143,21 @@ def test_refusals_before_any_launch_and_dry_run(tiny, capsys):
     assert re.search(r"^OMP_NUM_THREADS=\d+ python \S*td3_bc.py --env cheetah-run .* --alpha 3$", out, re.M)
 
 
+def test_a_method_at_its_oracles_fraction_is_that_oracle(tiny):
+    # C-LAP at 100% is C-LAP (Oracle): one run under the Oracle's name, whether the grid asks for one or both
+    args = grid.Args(envs=("cheetah-run",), datasets=("medium-replay",), methods=("c_lap", "c_lap_oracle", "lawm"),
+                     seeds=(1,), labeled_fractions=(0.05, 1.0), recipe="smoke", datasets_dir=str(tiny["datasets"]),
+                     runs_dir=str(tiny["runs"]), report=None)  # fmt: skip
+    runs = grid.plan(args, [], 1)
+    names = [r.name.removeprefix("cheetah-run__medium-replay__").removesuffix("__smoke__1") for r in runs]
+    assert names == ["c_lap__lf0.05", "c_lap_oracle__lf1", "lawm__lf0.05", "lawm__lf1"]
+    oracle = runs[1]
+    assert grid.flag_values(oracle.flags)["labeled_fraction"] == ["1.0"] and oracle.flags.count("--labeled-fraction") == 1
+    assert oracle.info["title"] == "C-LAP (Oracle)" and oracle.info["fixed_fraction"]
+    args.methods = ("c_lap",)
+    assert [r.name for r in grid.plan(args, [], 1)] == [r.name for r in runs[:2]]
+
+
 def test_flag_comparison():
     saved = {"total_steps": 30000, "cuda": True, "alpha": 2.5, "run_name": "x", "env": "cheetah-run"}
     assert grid.differences(["--total-steps", "30000", "--alpha", "2.5", "--run-name", "y"], saved) == []

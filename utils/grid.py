@@ -75,7 +75,8 @@ class Args:
     seeds: tuple[int, ...] = (1, 2, 3)
     """training seeds (`--seed` of the scripts)"""
     labeled_fractions: tuple[float, ...] = (0.05,)
-    """fractions of action-labeled trajectories for the methods that do not fix theirs (the Oracles use 1.0)"""
+    """fractions of action-labeled trajectories for the methods that do not fix theirs (the Oracles use 1.0; TD3+BC
+    or C-LAP at 1.0 is its Oracle, run once under the Oracle's name)"""
     recipe: Literal["cpu", "gpu", "smoke"] = "cpu"
     """budgets and sizes: cpu (the CPU recipes of the docs), gpu (the scripts' defaults) or smoke (seconds a run)"""
     extra_flags: str = ""
@@ -241,20 +242,33 @@ def tag(extra: list[str]) -> str:
     return text if len(text) <= 60 else "x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10]
 
 
+def oracle_twin(key: str, fraction: float) -> str:
+    """The Oracle that `key` is at `fraction` (C-LAP at 100% is C-LAP (Oracle): same script, same flags), so that the
+    grid runs it once, under the Oracle's name; otherwise `key`."""
+    for other, method in METHODS.items():
+        own = flag_values(list(method.flags))
+        if not METHODS[key].flags and method.script == METHODS[key].script and list(own) == ["labeled_fraction"]:
+            if float(own["labeled_fraction"][0]) == fraction:
+                return other
+    return key
+
+
 def plan(args: Args, extra: list[str], threads: int) -> list[Run]:
     """Every run of the grid, each with a deterministic name: env, dataset, method, labeled fraction, recipe, the tag
     of the extra flags and seed."""
     runs, names = [], set()
     for env in args.envs:
         for dataset in args.datasets:
-            for key in args.methods:
-                method = METHODS[key]
-                fixed = flag_values(list(method.flags)).get("labeled_fraction")
+            for asked in args.methods:
+                fixed = flag_values(list(METHODS[asked].flags)).get("labeled_fraction")
                 for fraction in [float(fixed[0])] if fixed else args.labeled_fractions:
+                    key = asked if fixed else oracle_twin(asked, fraction)
+                    method = METHODS[key]
+                    fixed = flag_values(list(method.flags)).get("labeled_fraction")
                     for seed in args.seeds:
                         name = f"{env}__{dataset}__{key}__lf{fraction:g}__{args.recipe}"
                         name += (f"__{tag(extra)}" if extra else "") + f"__{seed}"
-                        if name in names:  # an Oracle, once for all the grid's fractions
+                        if name in names:  # an Oracle, once for all the grid's fractions and its twin
                             continue
                         names.add(name)
                         flags = ["--env", env, "--dataset", dataset, "--datasets-dir", args.datasets_dir]
