@@ -79,6 +79,13 @@ class Args:
     each episode. It sets the learning pace: slow enough that the agent reaches half the expert's return only after
     400+ episodes, so that medium-replay holds 400 trajectories per seed (at 0.5, SAC got there after 230 episodes on
     cheetah-run and 80 on walker-walk), fast enough for a good expert (at 0.05 SAC stalled near 640 on walker-walk)"""
+    late_update_every: int = 0
+    """environment steps per gradient update of the task agent from training episode `--late-episode` on (0: the pace
+    of `--update-every` all along). A faster pace once the slow early episodes are behind gives the expert more
+    updates without moving the medium snapshot before episode 400 (at 0.1 all along SAC ends below 800 on walker-walk
+    and cheetah-run, still rising; docs/datasets.md)"""
+    late_episode: int = 500
+    """the training episode from which `--late-update-every` applies"""
     explorer_update_every: int = 2
     """environment steps per gradient update of the explorer (and of its ensemble) for plan2explore"""
     batch_size: int = 256
@@ -470,7 +477,7 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
     rng = np.random.default_rng(seed)  # the warm-up's random actions
     if checkpoint.exists():
         rng.bit_generator.state = state["warmup_rng"]
-    updates_per_episode = args.episode_length // (args.explorer_update_every if explore else args.update_every)
+    explorer_updates = args.episode_length // args.explorer_update_every
     # the replay as flat tensors filled episode by episode: sampling is one randint and five gathers
     replay = ReplayBuffer(total_episodes * args.episode_length, obs_dim, act_dim, device)
     for episode in episodes:
@@ -491,7 +498,7 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
             data = replay.data()  # [obs, actions, rewards, next_obs, terminals], views of the filled rows
             if explore:
                 explorer.ensemble.set_statistics(data[0], data[3])
-            for _ in range(updates_per_episode):
+            for _ in range(explorer_updates if explore else task_updates(args, episode)):
                 idx = torch.randint(0, replay.size, (args.batch_size,), device=device)
                 batch = [x[idx] for x in data]
                 if explore:
@@ -539,6 +546,13 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
     return episodes, snapshots, obs_dim, act_dim
 
 
+def task_updates(args: Args, episode: int) -> int:
+    """Gradient updates of the task agent after its training episode `episode` (from 0): one every `--update-every`
+    environment steps, and every `--late-update-every` from episode `--late-episode` on when that is set."""
+    late = args.late_update_every > 0 and episode >= args.late_episode
+    return args.episode_length // (args.late_update_every if late else args.update_every)
+
+
 def sac_config(args: Args, explore: bool = False) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
     keep = ("env", "action_repeat", "episode_length", "warmup_episodes")
@@ -547,6 +561,7 @@ def sac_config(args: Args, explore: bool = False) -> dict:
         keep += ("explorer_update_every", "ensemble_size", "ensemble_hidden_dim", "disagreement_scale")
     else:
         keep += ("update_every", "eval_every", "eval_episodes")
+        keep += ("late_update_every", "late_episode") if args.late_update_every else ()  # older checkpoints stay valid
     return {k: getattr(args, k) for k in keep}
 
 
@@ -883,8 +898,10 @@ def check_args(args: Args):
         raise SystemExit(f"error: --warmup-episodes must be in [0, --train-episodes), got {args.warmup_episodes}")
     if args.disagreement_scale <= 0:
         raise SystemExit(f"error: --disagreement-scale must be positive, got {args.disagreement_scale}")
-    for name in ("update_every", "explorer_update_every"):
-        if args.episode_length % getattr(args, name):
+    if args.late_update_every < 0 or args.late_episode < 0:
+        raise SystemExit("error: --late-update-every and --late-episode cannot be negative")
+    for name in ("update_every", "explorer_update_every", "late_update_every"):
+        if getattr(args, name) and args.episode_length % getattr(args, name):
             flag = name.replace("_", "-")
             raise SystemExit(f"error: --episode-length ({args.episode_length}) must be a multiple of --{flag}")
     if not args.kinds:

@@ -306,6 +306,7 @@ def test_plan2explore_alone_is_the_explorers_replay_after_the_shared_warmup(tmp_
         (["--num-seeds", "0"], "--num-seeds must be at least 1"),
         (["--train-episodes", "100", "--warmup-episodes", "700"], "--warmup-episodes must be in"),
         (["--kinds", "expert", "--datasets-dir", "/dev/null/datasets"], "cannot write to /dev/null/datasets"),
+        (["--late-update-every", "3"], "--episode-length (500) must be a multiple of --late-update-every"),
     ],
 )
 def test_one_line_errors(flags, message, tmp_path):
@@ -336,6 +337,25 @@ def test_per_env_defaults_follow_appendix_e():
         assert args.train_episodes == episodes and args.trajectories_per_seed == 400
         assert args.episode_length % args.update_every == 0 and args.update_every >= 10
     assert cd.resolve_defaults(cd.Args(env="walker-walk", train_episodes=50)).train_episodes == 50  # a flag the user sets wins
+
+
+def test_a_late_pace_speeds_up_the_task_agent_from_its_episode(tmp_path, monkeypatch):
+    args = cd.Args(update_every=10, late_update_every=2, late_episode=5, episode_length=500)
+    assert [cd.task_updates(args, e) for e in (0, 4, 5, 9)] == [50, 50, 250, 250]
+    assert cd.task_updates(cd.Args(), 10_000) == 50  # unset: one pace all along
+    assert "late_update_every" not in cd.sac_config(cd.Args())  # checkpoints made before the knob still resume
+    assert cd.sac_config(args)["late_update_every"] == 2 and cd.sac_config(args, explore=True) == cd.sac_config(
+        cd.Args(), True
+    )
+    # the training loop makes those updates: 1 warm-up episode, then 20 // 10 = 2, then 20 // 2 = 10 from episode 2
+    calls, update = [], cd.SAC.update
+    monkeypatch.setattr(cd.SAC, "update", lambda self, *a: calls.append(1) or update(self, *a))
+    tiny = cd.Args(env="cheetah-run", train_episodes=4, warmup_episodes=1, episode_length=20, update_every=10,
+                   late_update_every=2, late_episode=2, batch_size=8, hidden_dim=16, eval_every=2, eval_episodes=1,
+                   runs_dir=str(tmp_path / "runs"), cuda=False)  # fmt: skip
+    (tmp_path / "work").mkdir()
+    cd.train_agent(tiny, 1, tmp_path / "work", torch.device("cpu"))
+    assert len(calls) == 2 + 10 + 10
 
 
 def snapshots(evals, every=10):
