@@ -532,7 +532,8 @@ def check_settings(path: Path, state: dict, args: Args, dataset: dict, same) -> 
     if settings["script"] != script:
         raise SystemExit(f"error: {path} was written by {settings['script']}, not {script}: pass one of {script}")
     saved, now, flag = settings["args"], asdict(args), lambda k: "--" + k.replace("_", "-")
-    differ = [k for k in now if k not in ("resume", "run_name") and (k not in saved or saved[k] != now[k])]
+    saved = asdict(type(args)()) | saved  # a flag added since the checkpoint was written: its default, the old behaviour
+    differ = [k for k in now if k not in ("resume", "run_name") and saved[k] != now[k]]
     refused = [f"{flag(k)} {saved.get(k)} (this run: {now[k]})" for k in differ if k in same]
     if refused:
         raise SystemExit(f"error: {path} was made with {', '.join(refused)}: pass the same values, or do without it")

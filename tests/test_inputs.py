@@ -283,6 +283,16 @@ def test_check_settings(tmp_path):
         "--agent-steps 100000 -> 10",
     ]
     assert "made from other data than" in error(state, same, {**dataset, "sha256": "b" * 64})
+    # a checkpoint written before a flag existed: the flag counts at its default (a new flag keeps the old behaviour)
+    older = {"settings": {**state["settings"], "args": dict(state["settings"]["args"])}}
+    del older["settings"]["args"]["stoch_dim"]
+    assert c_lap.check_settings(path, older, same, dataset, c_lap.WORLD_MODEL_FLAGS) == [
+        "--seed 1 -> 7",
+        "--agent-steps 100000 -> 10",
+    ]
+    assert "made with --stoch-dim 30 (this run: 16)" in error(
+        older, c_lap.Args(labeled_fraction=1.0, deter_dim=64, stoch_dim=16)
+    )
     assert "written by td3_bc.py, not c_lap.py" in error({"settings": {**state["settings"], "script": "td3_bc.py"}}, same)
     assert "records no settings" in error({"world_model": {}}, same)
 
