@@ -208,7 +208,10 @@ def test_report_numbers_from_known_summaries(tmp_path):
     assert "| TD3+BC (Oracle) | 35.0 | [30.0, 40.0] | 1 | 2 |" in cpu and "compare their aggregates with care" in cpu
     assert "99.0" not in cpu and "| cheetah-run | expert | **99.0 ± 0.0** (1) |" in text.split("## gpu recipe")[1]
     assert "## cpu recipe, 10% action-labeled" in text and "IQM against the labeled fraction" in text
-    assert re.search(r"^\| LAWM \| 42\.5 \[[^]]+\], 2 cells \| 1\.0 \[1\.0, 1\.0\], 1 cell \| – \|$", text, re.M)  # 5%, 10%
+    # the curve is over the cells that ran every fraction (expert, not medium): LAWM 5% = IQM of 25 and 35
+    assert "Over the cells that ran every fraction: cheetah-run expert." in text
+    assert re.search(r"^\| LAWM \| 30\.0 \[[^]]+\], 1 cell \| 1\.0 \[1\.0, 1\.0\], 1 cell \| – \|$", text, re.M)  # 5%, 10%
+    assert re.search(r"^\| TD3\+BC \| 15\.0 \[[^]]+\], 1 cell \| – \| – \|$", text, re.M)  # medium's 5.0 left out
     for figure in ("results_cpu_lf0.05_iqm.png", "results_gpu_lf0.05_iqm.png", "results_cpu_fractions.png"):
         assert (out.parent / "figures" / figure).exists()
 

@@ -161,8 +161,17 @@ def plot_intervals(aggregate: list, path: Path, title: str):
 
 
 def fraction_curve(runs: list[dict], fractions: list, path: Path, out_dir: Path) -> list[str]:
-    """IQM over all cells against the labeled fraction, for the methods at the grid's fractions; the Oracles as
-    their points at 100%."""
+    """IQM against the labeled fraction, for the methods at the grid's fractions and the Oracles as their points at
+    100%, over the cells (env, dataset) that ran every fraction: a point over other cells would compare other envs,
+    not other fractions."""
+    ran = [
+        {(r["env"], r["dataset"]) for r in runs if not r["fixed_fraction"] and r["labeled_fraction"] == f} for f in fractions
+    ]
+    common = set.intersection(*ran)
+    where = ", ".join(f"{env} {dataset}" for env, dataset in sorted(common))
+    if not common:
+        return ["No cell (env, dataset) has runs at every labeled fraction yet.", ""]
+    runs = [r for r in runs if (r["env"], r["dataset"]) in common]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +209,7 @@ def fraction_curve(runs: list[dict], fractions: list, path: Path, out_dir: Path)
     for title, p in points.items():
         at = {q[0]: f"{q[1]:.1f} [{q[2]:.1f}, {q[3]:.1f}], {plural(q[4], 'cell')}" for q in p}
         lines.append(f"| {title} | " + " | ".join(at.get(f, "–") for f in every) + " |")
+    lines = [f"Over the cells that ran every fraction: {where}.", ""] + lines
     return lines + ["", f"![IQM against the labeled fraction]({os.path.relpath(path, out_dir)})", ""]
 
 
