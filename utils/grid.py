@@ -260,11 +260,11 @@ def plan(args: Args, extra: list[str], threads: int) -> list[Run]:
     for env in args.envs:
         for dataset in args.datasets:
             for asked in args.methods:
-                fixed = flag_values(list(METHODS[asked].flags)).get("labeled_fraction")
-                for fraction in [float(fixed[0])] if fixed else args.labeled_fractions:
-                    key = asked if fixed else oracle_twin(asked, fraction)
+                own = flag_values(list(METHODS[asked].flags)).get("labeled_fraction")
+                for fraction in [float(own[0])] if own else args.labeled_fractions:
+                    key = oracle_twin(asked, fraction)  # `asked` itself unless it is an Oracle at this fraction
                     method = METHODS[key]
-                    fixed = flag_values(list(method.flags)).get("labeled_fraction")
+                    fixed = "labeled_fraction" in flag_values(list(method.flags))
                     for seed in args.seeds:
                         name = f"{env}__{dataset}__{key}__lf{fraction:g}__{args.recipe}"
                         name += (f"__{tag(extra)}" if extra else "") + f"__{seed}"

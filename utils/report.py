@@ -168,7 +168,6 @@ def fraction_curve(runs: list[dict], fractions: list, path: Path, out_dir: Path)
         {(r["env"], r["dataset"]) for r in runs if not r["fixed_fraction"] and r["labeled_fraction"] == f} for f in fractions
     ]
     common = set.intersection(*ran)
-    where = ", ".join(f"{env} {dataset}" for env, dataset in sorted(common))
     if not common:
         return ["No cell (env, dataset) has runs at every labeled fraction yet.", ""]
     runs = [r for r in runs if (r["env"], r["dataset"]) in common]
@@ -209,8 +208,9 @@ def fraction_curve(runs: list[dict], fractions: list, path: Path, out_dir: Path)
     for title, p in points.items():
         at = {q[0]: f"{q[1]:.1f} [{q[2]:.1f}, {q[3]:.1f}], {plural(q[4], 'cell')}" for q in p}
         lines.append(f"| {title} | " + " | ".join(at.get(f, "–") for f in every) + " |")
-    lines = [f"Over the cells that ran every fraction: {where}.", ""] + lines
-    return lines + ["", f"![IQM against the labeled fraction]({os.path.relpath(path, out_dir)})", ""]
+    where = ", ".join(f"{env} {dataset}" for env, dataset in sorted(common))
+    figure = f"![IQM against the labeled fraction]({os.path.relpath(path, out_dir)})"
+    return [f"Over the cells that ran every fraction: {where}.", ""] + lines + ["", figure, ""]
 
 
 def write_report(runs_dir: Path, out: Path):
