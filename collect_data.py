@@ -74,16 +74,15 @@ class Args:
     # SAC (Haarnoja et al. 2018) arguments
     warmup_episodes: int = 10
     """episodes of uniform random actions before the first update (the explorer's are the task agent's, same seed)"""
-    update_every: int = 10
-    """environment steps per gradient update of the task agent (10: an update-to-data ratio of 0.1); updates run after
-    each episode. It sets the learning pace: slow enough that the agent reaches half the expert's return only after
-    400+ episodes, so that medium-replay holds 400 trajectories per seed (at 0.5, SAC got there after 230 episodes on
-    cheetah-run and 80 on walker-walk), fast enough for a good expert (at 0.05 SAC stalled near 640 on walker-walk)"""
-    late_update_every: int = 0
-    """environment steps per gradient update of the task agent from training episode `--late-episode` on (0: the pace
-    of `--update-every` all along). A faster pace once the slow early episodes are behind gives the expert more
-    updates without moving the medium snapshot before episode 400 (at 0.1 all along SAC ends below 800 on walker-walk
-    and cheetah-run, still rising; docs/datasets.md)"""
+    update_every: int = 20
+    """environment steps per gradient update of the task agent before episode `--late-episode` (20: an update-to-data
+    ratio of 0.05); updates run after each episode. The slow early pace puts the medium snapshot (half the expert's
+    return) after episode 400, so that medium-replay holds 400 trajectories per seed (at 0.5 all along SAC got there
+    after 230 episodes on cheetah-run and 80 on walker-walk; at 0.1, after 310-340 on walker-walk)"""
+    late_update_every: int = 2
+    """environment steps per gradient update of the task agent from training episode `--late-episode` on (2: a ratio
+    of 0.5; 0: `--update-every` all along). The faster late pace makes the expert (at a constant 0.1 SAC ended at
+    660-780 on walker-walk and cheetah-run, still rising; docs/datasets.md)"""
     late_episode: int = 500
     """the training episode from which `--late-update-every` applies"""
     explorer_update_every: int = 2
@@ -458,7 +457,8 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
         state = torch.load(checkpoint, weights_only=False, map_location=device)  # our own file: RNG states are numpy
         if state["config"] != sac_config(args, explore):
             raise SystemExit(
-                f"error: {checkpoint} was made with other settings {state['config']}; delete {work} to start over"
+                f"error: {checkpoint} was made with other settings; continue it with "
+                f"{flags_of(state['config'], args)}, or delete {work} to start over"
             )
         if state["episode"] > total_episodes:
             flag = "--trajectories-per-seed" if explore else "--train-episodes"
@@ -482,7 +482,7 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
     replay = ReplayBuffer(total_episodes * args.episode_length, obs_dim, act_dim, device)
     for episode in episodes:
         replay.add(episode)
-    t0, episode0 = time.time(), start
+    t0, episode0, update_seconds, updates_done = time.time(), start, 0.0, 0  # for the ETA, since the last report
     for episode in range(start, total_episodes):
         warmup = episode < args.warmup_episodes
         policy = random_policy(rng, act_dim) if warmup else actor_policy
@@ -498,7 +498,8 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
             data = replay.data()  # [obs, actions, rewards, next_obs, terminals], views of the filled rows
             if explore:
                 explorer.ensemble.set_statistics(data[0], data[3])
-            for _ in range(explorer_updates if explore else task_updates(args, episode)):
+            t_update, n_updates = time.time(), explorer_updates if explore else task_updates(args, episode)
+            for _ in range(n_updates):
                 idx = torch.randint(0, replay.size, (args.batch_size,), device=device)
                 batch = [x[idx] for x in data]
                 if explore:
@@ -507,6 +508,7 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
                     model_loss = explorer.update(data[0][own], data[1][own], data[3][own])  # (n, B, D) each
                     batch[2] = args.disagreement_scale * disagreement(explorer.ensemble, batch[0], batch[1])
                 metrics = agent.update(batch, args)
+            update_seconds, updates_done = update_seconds + time.time() - t_update, updates_done + n_updates
             if explore:
                 metrics.update(ensemble_loss=model_loss, disagreement=batch[2].mean())
             for k, v in metrics.items():
@@ -526,13 +528,19 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
                 snapshots.append({"episode": done, "eval_return": eval_return, "actor": actor_state})
                 writer.add_scalar("eval/episodic_return", eval_return, done)
                 note = f"| eval return {eval_return:7.1f} "
-            sps = (done - episode0) * args.episode_length / (time.time() - t0)  # since the last report
-            eta = (total_episodes - done) * args.episode_length / sps
-            t0, episode0 = time.time(), done
+            # the ETA prices environment steps and updates apart: the pace changes at --late-episode
+            elapsed, steps = time.time() - t0, (done - episode0) * args.episode_length
+            sps = steps / elapsed
+            later = range(max(done, args.warmup_episodes), total_episodes)
+            updates_left = len(later) * explorer_updates if explore else sum(task_updates(args, e) for e in later)
+            eta = (total_episodes - done) * args.episode_length * (elapsed - update_seconds) / steps
+            eta += updates_left * update_seconds / max(updates_done, 1)
+            eta_text = f"ETA {eta / 60:5.1f} min" if updates_done or not updates_left else "ETA after the first updates"
+            t0, episode0, update_seconds, updates_done = time.time(), done, 0.0, 0
             writer.add_scalar("charts/SPS", sps, done)
             print(
                 f"seed {seed} | {who} episode {done}/{total_episodes} | train return {rewards.sum():7.1f} {note}"
-                f"| {sps:5.0f} env steps/s | ETA {eta / 60:5.1f} min",
+                f"| {sps:5.0f} env steps/s | {eta_text}",
                 flush=True,
             )
         if done % args.checkpoint_every == 0 or done == total_episodes:
@@ -553,6 +561,18 @@ def task_updates(args: Args, episode: int) -> int:
     return args.episode_length // (args.late_update_every if late else args.update_every)
 
 
+def flags_of(config: dict, args: Args) -> str:
+    """The flags that give this run the settings of a checkpoint's `config` (one made before the late pace existed
+    ran without it)."""
+    config = {**config, "late_update_every": config.get("late_update_every", 0)}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if v != getattr(args, k))
+
+
+def task_pace(update_every: int, late_update_every: int, late_episode: int) -> tuple:
+    """The task agent's pace, comparable: the late episode matters only when the late pace is on."""
+    return update_every, late_update_every, late_episode if late_update_every else None
+
+
 def sac_config(args: Args, explore: bool = False) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
     keep = ("env", "action_repeat", "episode_length", "warmup_episodes")
@@ -561,7 +581,7 @@ def sac_config(args: Args, explore: bool = False) -> dict:
         keep += ("explorer_update_every", "ensemble_size", "ensemble_hidden_dim", "disagreement_scale")
     else:
         keep += ("update_every", "eval_every", "eval_episodes")
-        keep += ("late_update_every", "late_episode") if args.late_update_every else ()  # older checkpoints stay valid
+        keep += ("late_update_every", "late_episode") if args.late_update_every else ()  # as checkpoints made before them
     return {k: getattr(args, k) for k in keep}
 
 
@@ -674,6 +694,9 @@ def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args, curv
         snapshot_eval_return=info["eval_return"],
         train_episodes=args.train_episodes,
         trajectories_per_seed=args.trajectories_per_seed,
+        update_every=args.update_every,
+        late_update_every=args.late_update_every,
+        late_episode=args.late_episode,
         part_version=PART_VERSION,
         **{k: np.asarray(v) for k, v in (curve or {}).items()},  # the task agent's learning curve, for the docs
     )
@@ -682,14 +705,23 @@ def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args, curv
 
 
 def part_is_current(path: Path, args: Args) -> bool:
-    """A seed's share of a dataset is reused only if it was made from the same training length and size."""
+    """A seed's share of a dataset is reused only if it was made from the same training length, size and (for the
+    task agent's kinds) pace."""
     if not path.exists():
         return False
     with np.load(path) as part:
+        # parts written before the pace was recorded were all made at --update-every 10 without the late pace
+        pace = [
+            int(part.get(k, default)) for k, default in (("update_every", 10), ("late_update_every", 0), ("late_episode", 0))
+        ]
         return (
             int(part["train_episodes"]) == args.train_episodes
             and int(part["trajectories_per_seed"]) == args.trajectories_per_seed
             and int(part.get("part_version", 1)) == PART_VERSION
+            and (
+                path.stem == "plan2explore"
+                or task_pace(*pace) == task_pace(args.update_every, args.late_update_every, args.late_episode)
+            )
         )
 
 
@@ -864,6 +896,9 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
             grid_cells=c["grid_cells"],
             **stats,
         )
+        if kind != "plan2explore":  # the task agent's pace (the explorer's is --explorer-update-every)
+            f.attrs.update(update_every=args.update_every, late_update_every=args.late_update_every)
+            f.attrs.update(late_episode=args.late_episode, train_episodes=args.train_episodes)
     os.replace(tmp, path)
     return stats
 

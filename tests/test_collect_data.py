@@ -214,6 +214,9 @@ def test_file_format(tiny_datasets, kind):
     assert attrs["env"] == "cheetah-run" and attrs["dataset"] == kind
     assert attrs["action_repeat"] == 2 and attrs["episode_length"] == 500 and attrs["obs_type"] == "proprio"
     assert attrs["format_version"] == cd.FORMAT_VERSION and list(attrs["collector_seeds"]) == [1]
+    if kind != "plan2explore":  # the task agent's pace, at the defaults
+        pace = [attrs[k] for k in ("update_every", "late_update_every", "late_episode", "train_episodes")]
+        assert pace == [cd.Args.update_every, cd.Args.late_update_every, cd.Args.late_episode, 4]
     returns = data["rewards"].reshape(2, 500).sum(1)
     assert attrs["num_episodes"] == 2
     assert attrs["return_mean"] == pytest.approx(returns.mean(), rel=1e-5)
@@ -336,14 +339,16 @@ def test_per_env_defaults_follow_appendix_e():
         args = cd.resolve_defaults(cd.Args(env=env))
         assert args.train_episodes == episodes and args.trajectories_per_seed == 400
         assert args.episode_length % args.update_every == 0 and args.update_every >= 10
+        # slow (ratio 0.05) for the medium snapshot after episode 400, then fast (0.5) for the expert
+        assert [cd.task_updates(args, e) for e in (0, 499, 500, episodes - 1)] == [25, 25, 250, 250]
     assert cd.resolve_defaults(cd.Args(env="walker-walk", train_episodes=50)).train_episodes == 50  # a flag the user sets wins
 
 
 def test_a_late_pace_speeds_up_the_task_agent_from_its_episode(tmp_path, monkeypatch):
     args = cd.Args(update_every=10, late_update_every=2, late_episode=5, episode_length=500)
     assert [cd.task_updates(args, e) for e in (0, 4, 5, 9)] == [50, 50, 250, 250]
-    assert cd.task_updates(cd.Args(), 10_000) == 50  # unset: one pace all along
-    assert "late_update_every" not in cd.sac_config(cd.Args())  # checkpoints made before the knob still resume
+    assert cd.task_updates(cd.Args(late_update_every=0), 10_000) == 25  # 0: one pace all along
+    assert "late_update_every" not in cd.sac_config(cd.Args(late_update_every=0))  # as checkpoints made before the knob
     assert cd.sac_config(args)["late_update_every"] == 2 and cd.sac_config(args, explore=True) == cd.sac_config(
         cd.Args(), True
     )
@@ -356,6 +361,31 @@ def test_a_late_pace_speeds_up_the_task_agent_from_its_episode(tmp_path, monkeyp
     (tmp_path / "work").mkdir()
     cd.train_agent(tiny, 1, tmp_path / "work", torch.device("cpu"))
     assert len(calls) == 2 + 10 + 10
+
+
+def test_a_checkpoint_at_another_pace_names_the_flags_that_continue_it(tmp_path):
+    flags = [*FAST, "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs"]
+    run(*flags, "--kinds", "expert", "--late-update-every", "0", "--train-episodes", "3")
+    out = run(*flags, "--kinds", "expert", "--train-episodes", "6", "--resume", "--overwrite", check=False)
+    assert out.returncode != 0 and "continue it with --late-update-every 0, or delete" in out.stderr
+    assert "Traceback" not in out.stderr
+    run(*flags, "--kinds", "expert", "--train-episodes", "6", "--resume", "--overwrite", "--late-update-every", "0")
+    # a checkpoint made before the late pace existed has no late keys: it ran at one pace
+    old = {"env": "cheetah-run", "update_every": 10, "eval_every": 10}
+    assert cd.flags_of(old, cd.Args(env="cheetah-run")) == "--update-every 10 --late-update-every 0"
+
+
+def test_a_part_is_reused_only_at_its_pace(tmp_path):
+    args = cd.Args(train_episodes=1500, trajectories_per_seed=400)
+    made = dict(train_episodes=1500, trajectories_per_seed=400, part_version=cd.PART_VERSION)
+    np.savez(tmp_path / "medium-replay.npz", **made, update_every=20, late_update_every=2, late_episode=500)
+    np.savez(tmp_path / "expert.npz", **made)  # written before the pace was recorded: --update-every 10 all along
+    np.savez(tmp_path / "plan2explore.npz", **made)  # the explorer's pace is its own
+    assert cd.part_is_current(tmp_path / "medium-replay.npz", args)
+    assert not cd.part_is_current(tmp_path / "medium-replay.npz", cd.Args(train_episodes=1500, late_episode=600))
+    assert not cd.part_is_current(tmp_path / "expert.npz", args)
+    assert cd.part_is_current(tmp_path / "expert.npz", cd.Args(train_episodes=1500, update_every=10, late_update_every=0))
+    assert cd.part_is_current(tmp_path / "plan2explore.npz", args)
 
 
 def snapshots(evals, every=10):
@@ -398,7 +428,8 @@ def test_seeds_collected_in_parallel_assemble_into_one_dataset(tmp_path):
     flags = [*FAST, "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs"]
     flags[flags.index("--num-seeds") + 1] = "1"
     cmd = [sys.executable, str(ROOT / "collect_data.py"), *map(str, flags), "--no-assemble", "--resume", "--seed"]
-    workers = [subprocess.Popen([*cmd, seed], stdout=subprocess.PIPE, text=True) for seed in ("1", "2")]  # at once
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each, as the docs run them (two threads each oversubscribe)
+    workers = [subprocess.Popen([*cmd, seed], stdout=subprocess.PIPE, text=True, env=env) for seed in ("1", "2")]  # at once
     for worker in workers:
         assert worker.wait(timeout=600) == 0 and "assemble the datasets" in worker.stdout.read()
         worker.stdout.close()
