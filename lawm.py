@@ -526,10 +526,17 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def run_settings(args: Args, dataset: dict) -> dict:
+def run_settings(args: Args, dataset: dict, commit: str) -> dict:
     """What a checkpoint records of the run that writes it, and checks when the run is resumed or its model reused:
-    the script, every flag, the dataset file's content (sha256), and the flags changed on resuming."""
-    return {"script": os.path.basename(__file__), "args": asdict(args), "dataset_sha256": dataset["sha256"], "changes": []}
+    the script, every flag, the dataset file's content (sha256), the flags changed on resuming, and the commit of the
+    code of every process that trained it (a run resumed after a `git pull` ran two versions of the code)."""
+    return {
+        "script": os.path.basename(__file__),
+        "args": asdict(args),
+        "dataset_sha256": dataset["sha256"],
+        "changes": [],
+        "commits": [commit],
+    }
 
 
 def check_settings(path: Path, state: dict, args: Args, dataset: dict, same) -> list:
@@ -555,16 +562,21 @@ def check_settings(path: Path, state: dict, args: Args, dataset: dict, same) -> 
     return [f"{flag(k)} {saved.get(k)} -> {now[k]}" for k in differ if k not in same]
 
 
-def resume_settings(run_dir: Path, args: Args, dataset: dict) -> tuple[dict, dict]:
+def resume_settings(run_dir: Path, args: Args, dataset: dict, commit: str) -> tuple[dict, dict]:
     """The checkpoint of the run to continue, and the settings to record from now on: a change of a flag outside
-    RESUMABLE_FLAGS is refused, a change of one of them is printed and recorded."""
+    RESUMABLE_FLAGS is refused, a change of one of them is printed and recorded, and so is a change of the code's
+    commit (a checkpoint from before commits were recorded counts as "unknown")."""
     path = run_dir / "checkpoint.pt"
     state = load_checkpoint(path)
     changes = check_settings(path, state, args, dataset, [k for k in asdict(args) if k not in RESUMABLE_FLAGS])
     if changes:
         print(f"resuming with changed flags: {', '.join(changes)}")
+    commits = list(state["settings"].get("commits", ["unknown"]))
+    if commits[-1] != commit:
+        print(f"resuming with other code: {commits[-1]} -> {commit}")
+        commits.append(commit)
     settings = state["settings"] | {"args": asdict(args), "changes": state["settings"]["changes"] + changes}
-    return state, settings
+    return state, settings | {"commits": commits}
 
 
 def git_commit() -> str:
@@ -582,7 +594,9 @@ def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final:
     number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
     evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
     environment; the split and the settings (with the dataset's sha256, so that utils/grid.py knows a run made on other
-    data). Written to a temporary file and renamed, so a summary.json that exists is complete."""
+    data); `git_commit`, the commit of the code that finished the run, and `git_commits`, that of every process that
+    trained it (more than one when it was resumed after the code changed). Written to a temporary file and renamed,
+    so a summary.json that exists is complete."""
     returns = [r for _, r in evals]
     summary = {
         **final,
@@ -595,6 +609,7 @@ def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final:
         "dataset_sha256": settings["dataset_sha256"],
         "flag_changes": settings["changes"],
         "git_commit": commit,
+        "git_commits": settings["commits"],
         **extra,
     }
     path, tmp = run_dir / "summary.json", run_dir / "summary.json.tmp"
@@ -1087,7 +1102,7 @@ if __name__ == "__main__":
     )
     recovery_actions = read_recovery_actions(dataset, recovery_episodes)  # (N, A), NaN outside the recovery set
     check_video(args)
-    settings = run_settings(args, dataset)
+    settings = run_settings(args, dataset, commit)
     if args.model_checkpoint and not args.resume:
         world_model = load_checkpoint(Path(args.model_checkpoint))
         check_settings(Path(args.model_checkpoint), world_model, args, dataset, WORLD_MODEL_FLAGS)
@@ -1099,7 +1114,7 @@ if __name__ == "__main__":
             )
     run_dir = make_run_dir(args)
     if args.resume:
-        state, settings = resume_settings(run_dir, args, dataset)
+        state, settings = resume_settings(run_dir, args, dataset, commit)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -462,10 +462,17 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def run_settings(args: Args, dataset: dict) -> dict:
+def run_settings(args: Args, dataset: dict, commit: str) -> dict:
     """What a checkpoint records of the run that writes it, and checks when the run is resumed or its model reused:
-    the script, every flag, the dataset file's content (sha256), and the flags changed on resuming."""
-    return {"script": os.path.basename(__file__), "args": asdict(args), "dataset_sha256": dataset["sha256"], "changes": []}
+    the script, every flag, the dataset file's content (sha256), the flags changed on resuming, and the commit of the
+    code of every process that trained it (a run resumed after a `git pull` ran two versions of the code)."""
+    return {
+        "script": os.path.basename(__file__),
+        "args": asdict(args),
+        "dataset_sha256": dataset["sha256"],
+        "changes": [],
+        "commits": [commit],
+    }
 
 
 def check_settings(path: Path, state: dict, args: Args, dataset: dict, same) -> list:
@@ -491,16 +498,21 @@ def check_settings(path: Path, state: dict, args: Args, dataset: dict, same) -> 
     return [f"{flag(k)} {saved.get(k)} -> {now[k]}" for k in differ if k not in same]
 
 
-def resume_settings(run_dir: Path, args: Args, dataset: dict) -> tuple[dict, dict]:
+def resume_settings(run_dir: Path, args: Args, dataset: dict, commit: str) -> tuple[dict, dict]:
     """The checkpoint of the run to continue, and the settings to record from now on: a change of a flag outside
-    RESUMABLE_FLAGS is refused, a change of one of them is printed and recorded."""
+    RESUMABLE_FLAGS is refused, a change of one of them is printed and recorded, and so is a change of the code's
+    commit (a checkpoint from before commits were recorded counts as "unknown")."""
     path = run_dir / "checkpoint.pt"
     state = load_checkpoint(path)
     changes = check_settings(path, state, args, dataset, [k for k in asdict(args) if k not in RESUMABLE_FLAGS])
     if changes:
         print(f"resuming with changed flags: {', '.join(changes)}")
+    commits = list(state["settings"].get("commits", ["unknown"]))
+    if commits[-1] != commit:
+        print(f"resuming with other code: {commits[-1]} -> {commit}")
+        commits.append(commit)
     settings = state["settings"] | {"args": asdict(args), "changes": state["settings"]["changes"] + changes}
-    return state, settings
+    return state, settings | {"commits": commits}
 
 
 def git_commit() -> str:
@@ -518,7 +530,9 @@ def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final:
     number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
     evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
     environment; the split and the settings (with the dataset's sha256, so that utils/grid.py knows a run made on other
-    data). Written to a temporary file and renamed, so a summary.json that exists is complete."""
+    data); `git_commit`, the commit of the code that finished the run, and `git_commits`, that of every process that
+    trained it (more than one when it was resumed after the code changed). Written to a temporary file and renamed,
+    so a summary.json that exists is complete."""
     returns = [r for _, r in evals]
     summary = {
         **final,
@@ -531,6 +545,7 @@ def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final:
         "dataset_sha256": settings["dataset_sha256"],
         "flag_changes": settings["changes"],
         "git_commit": commit,
+        "git_commits": settings["commits"],
         **extra,
     }
     path, tmp = run_dir / "summary.json", run_dir / "summary.json.tmp"
@@ -633,7 +648,9 @@ if __name__ == "__main__":
     check_split(dataset, args, dataset["labeled_episodes"], [], 1, min_with_actions=1, needs_action_free=False)
     check_video(args)
     run_dir = make_run_dir(args)
-    state, settings = resume_settings(run_dir, args, dataset) if args.resume else (None, run_settings(args, dataset))
+    state, settings = (
+        resume_settings(run_dir, args, dataset, commit) if args.resume else (None, run_settings(args, dataset, commit))
+    )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -169,7 +169,7 @@ def test_flag_comparison():
 
 
 def fake_run(runs_dir: Path, method: str, env: str, dataset: str, seed: int, score: float, fraction: float = 0.05,
-             recipe: str = "cpu", commit: str = "a" * 40, extra: str = ""):  # fmt: skip
+             recipe: str = "cpu", commit: str = "a" * 40, extra: str = "", commits: list = None):  # fmt: skip
     m = grid.METHODS[method]
     fixed = "--labeled-fraction" in m.flags
     fraction = 1.0 if fixed else fraction
@@ -181,7 +181,8 @@ def fake_run(runs_dir: Path, method: str, env: str, dataset: str, seed: int, sco
     (run_dir / "grid.json").write_text(json.dumps(info))
     args = {"labeled_fraction": fraction, "seed": seed}
     (run_dir / "summary.json").write_text(json.dumps({"final_normalized_score": score, "best_normalized_score": score + 1,
-                                                      "args": args, "git_commit": commit}))  # fmt: skip
+                                                      "args": args, "git_commit": commit,
+                                                      "git_commits": commits or [commit]}))  # fmt: skip
 
 
 def test_report_numbers_from_known_summaries(tmp_path):
@@ -214,6 +215,20 @@ def test_report_numbers_from_known_summaries(tmp_path):
     assert re.search(r"^\| TD3\+BC \| 15\.0 \[[^]]+\], 1 cell \| – \| – \|$", text, re.M)  # medium's 5.0 left out
     for figure in ("results_cpu_lf0.05_iqm.png", "results_gpu_lf0.05_iqm.png", "results_cpu_fractions.png"):
         assert (out.parent / "figures" / figure).exists()
+
+
+def test_a_run_resumed_on_other_code_marks_its_cell(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "lawm", "cheetah-run", "medium", 1, 50.0, commits=["c" * 40, "a" * 40])  # resumed after a pull
+    fake_run(runs, "lawm", "cheetah-run", "medium", 2, 60.0)
+    fake_run(runs, "td3_bc", "cheetah-run", "medium", 1, 5.0)
+    fake_run(runs, "td3_bc", "cheetah-run", "medium", 2, 6.0, commits=["a" * 40, "a" * 40])  # the same code twice
+    out = tmp_path / "docs" / "results.md"
+    report.write_report(runs, out)
+    text = out.read_text()
+    assert "| cheetah-run | medium | 5.5 ± 0.5 (2) | **55.0 ± 5.0** (2) † |" in text  # TD3+BC's cell is one code
+    assert "† cheetah-run medium LAWM: seed 2 ran `aaaaaaa`; seed 1 ran `ccccccc+aaaaaaa`" in text
+    assert "TD3+BC:" not in text and "`aaaaaaa` (3 runs), `ccccccc+aaaaaaa` (1 run)" in text
 
 
 def test_iqm_and_stratified_bootstrap_follow_their_definitions():

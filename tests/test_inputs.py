@@ -263,7 +263,7 @@ def test_check_settings(tmp_path):
     split or size, from another script, or on a file whose content changed, is refused with the difference named."""
     dataset = {"sha256": "a" * 64, "path": tmp_path / "medium-replay.hdf5"}
     args = c_lap.Args(labeled_fraction=0.05, deter_dim=64)
-    state = {"settings": c_lap.run_settings(c_lap.Args(labeled_fraction=1.0, deter_dim=64), dataset)}
+    state = {"settings": c_lap.run_settings(c_lap.Args(labeled_fraction=1.0, deter_dim=64), dataset, "x")}
     path = tmp_path / "model.pt"
 
     def error(state, args, data=dataset):

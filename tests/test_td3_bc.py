@@ -170,12 +170,19 @@ def test_smoke_run_resume_and_summary(fake_datasets, tmp_path):
     assert full.stderr.strip().startswith(f"error: cannot write {run_dir / 'checkpoint.pt'} (No space left on device)")
     assert "\n" not in full.stderr.strip()
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 100
+    # as if the first 100 steps had run other code: the resumed run records both commits
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert len(state["settings"]["commits"]) == 1
+    state["settings"]["commits"] = ["0" * 40]
+    torch.save(state, run_dir / "checkpoint.pt")
     out = run_script("td3_bc.py", *flags, "--total-steps", "200", "--resume", "--save-model")
     assert (
         "resumed" in out.stdout
         and "resuming with changed flags: --save-model False -> True, --total-steps 100 -> 200" in out.stdout
     )
+    assert f"resuming with other code: {'0' * 40} -> " in out.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["git_commits"] == ["0" * 40, summary["git_commit"]] and summary["git_commit"] != "0" * 40
     assert [e["step"] for e in summary["evaluations"]] == [100, 200]
     assert summary["flag_changes"] == ["--save-model False -> True", "--total-steps 100 -> 200"]  # recorded
     assert summary["final_normalized_score"] == pytest.approx(summary["final_return"] / 10)

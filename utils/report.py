@@ -52,7 +52,8 @@ def iqm_ci(cells: list, reps: int = BOOTSTRAP_REPS, seed: int = BOOTSTRAP_SEED) 
 
 def read_runs(runs_dir: Path) -> list[dict]:
     """One record per finished grid run: its grid.json (method, env, dataset, recipe, ...) and from summary.json the
-    final and best normalized scores, the labeled fraction it ran with and the commit of its code."""
+    final and best normalized scores, the labeled fraction it ran with and the commit of its code (`a+b` for a run
+    resumed after the code changed: it ran both)."""
     runs = []
     for grid_json in sorted(runs_dir.glob("*/grid.json")):
         try:
@@ -61,7 +62,8 @@ def read_runs(runs_dir: Path) -> list[dict]:
             score = float(summary["final_normalized_score"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not finished
-        commit = str(summary.get("git_commit", "unknown"))
+        commits = summary.get("git_commits") or [summary.get("git_commit", "unknown")]
+        commit = "+".join(str(c) for c in dict.fromkeys(commits))  # in order, each once
         info.update(name=grid_json.parent.name, score=score, best=float(summary["best_normalized_score"]))
         info.update(labeled_fraction=float(summary["args"]["labeled_fraction"]), commit=commit)
         runs.append(info)
@@ -69,7 +71,7 @@ def read_runs(runs_dir: Path) -> list[dict]:
 
 
 def short(commit: str) -> str:
-    return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    return "+".join(c[:7] + ("-dirty" if c.endswith("-dirty") else "") for c in commit.split("+"))
 
 
 def plural(n: int, word: str) -> str:
@@ -112,8 +114,9 @@ def table(runs: list[dict], fraction, figures: Path, out_dir: Path, slug: str) -
                 texts.append("–")
                 continue
             commits = sorted({r["commit"] for r in group})
-            texts.append(cell_text([r["score"] for r in group], means[title] == best, len(commits) > 1))
-            if len(commits) > 1:
+            mixed = len(commits) > 1 or "+" in commits[0]  # seeds of different code, or a run of two versions
+            texts.append(cell_text([r["score"] for r in group], means[title] == best, mixed))
+            if mixed:
                 by = {c: [str(r["seed"]) for r in group if r["commit"] == c] for c in commits}
                 ran = [f"seed{'s' if len(s) > 1 else ''} {', '.join(s)} ran `{short(c)}`" for c, s in by.items()]
                 notes.append(f"† {env} {dataset} {title}: " + "; ".join(ran))
@@ -216,7 +219,7 @@ def fraction_curve(runs: list[dict], fractions: list, path: Path, out_dir: Path)
 def write_report(runs_dir: Path, out: Path):
     """`out` (markdown) and its figures from every finished grid run in `runs_dir`: one Table 1 per recipe, tag of
     extra flags and labeled fraction, so runs of different recipes or flags never share a cell, and a cell whose
-    seeds ran different commits is marked."""
+    seeds ran different commits (or holds a run resumed on other code) is marked."""
     runs, out_dir = read_runs(runs_dir), out.parent
     figures, guide = out_dir / "figures", os.path.relpath(DOCS / "grid.md", out_dir)
     lines = ["# Results", "",
@@ -224,8 +227,8 @@ def write_report(runs_dir: Path, out: Path):
              f"[grid.md]({guide})) from the run folders; do not edit by hand.",
              "A cell is the mean ± std (over seeds, ddof 0) of the runs' final normalized score (return / 10 of the "
              "final evaluation, `--final-eval-episodes` episodes after training), with the number of seeds in "
-             "parentheses; the best mean of each row is in bold; † marks a "
-             "cell whose seeds ran different commits. The aggregate is the interquartile mean (IQM) over all runs of "
+             "parentheses; the best mean of each row is in bold; † marks a cell whose seeds ran different commits or "
+             "that holds a run resumed on other code. The aggregate is the interquartile mean (IQM) over all runs of "
              f"all cells of a column with a 95% stratified bootstrap confidence interval ({BOOTSTRAP_REPS:,} resamples "
              "of the runs within each cell, percentile interval; Agarwal et al. 2021, the method of rliable).",
              ""]  # fmt: skip
