@@ -351,7 +351,7 @@ def test_full_disk_keeps_the_previous_files(tmp_path):
         td3_bc.save_safely({"step": 2}, path)
     assert str(e.value).startswith(f"error: cannot write {path} (No space left on device); the previous one is kept")
     assert torch.load(path, weights_only=True) == {"step": 1} and not (tmp_path / "checkpoint.pt.tmp").exists()
-    args, settings = td3_bc.Args(), {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": []}
+    args, settings = td3_bc.Args(), {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": [], "commits": ["c"]}
     final = {"final_return": 10.0, "final_return_stderr": 1.0, "final_eval_episodes": 2}
     td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0)], final, [0], "c")
     (tmp_path / "summary.json.tmp").symlink_to("/dev/full")

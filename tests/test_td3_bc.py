@@ -217,7 +217,7 @@ def test_final_evaluation_is_the_result_with_its_standard_error(tmp_path):
     assert final["final_return_stderr"] == pytest.approx(returns.std(ddof=1) / 2)
     one = td3_bc.final_evaluation(replace(args, final_eval_episodes=1), random_policies(), attrs, writer, step=7)
     assert one["final_return_stderr"] is None  # no spread from one episode
-    settings = {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": []}
+    settings = {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": [], "commits": ["c"]}
     td3_bc.write_summary(tmp_path, args, settings, [(1, 50.0), (2, 30.0)], final, [0], "c")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_return"] == final["final_return"] and summary["final_return_stderr"] == final["final_return_stderr"]
