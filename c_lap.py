@@ -565,8 +565,11 @@ def resume_settings(run_dir: Path, args: Args, dataset: dict, commit: str) -> tu
     if commits[-1] != commit:
         print(f"resuming with other code: {commits[-1]} -> {commit}")
         commits.append(commit)
-    settings = state["settings"] | {"args": asdict(args), "changes": state["settings"]["changes"] + changes}
-    return state, settings | {"commits": commits}
+    return state, state["settings"] | {
+        "args": asdict(args),
+        "changes": state["settings"]["changes"] + changes,
+        "commits": commits,
+    }
 
 
 def git_commit() -> str:
@@ -579,7 +582,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, commit: str, **extra):
+def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, **extra):
     """`summary.json`: the result, `final_return` (the mean return of final_evaluation, with its standard error and
     number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
     evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
@@ -598,7 +601,7 @@ def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final:
         "script": settings["script"],
         "dataset_sha256": settings["dataset_sha256"],
         "flag_changes": settings["changes"],
-        "git_commit": commit,
+        "git_commit": settings["commits"][-1],
         "git_commits": settings["commits"],
         **extra,
     }
@@ -1194,9 +1197,7 @@ if __name__ == "__main__":
     u_inside, u_inside_per_dim = constraint_share()
     diagnostics = {"u_inside_constraint": u_inside, "u_inside_constraint_per_dim": u_inside_per_dim, **exploitation}
     final = final_evaluation(args, make_policy, dataset["attrs"], writer, agent_step)
-    write_summary(
-        run_dir, args, settings, evals, final, dataset["labeled_episodes"], commit, free_nats=free_nats, **diagnostics
-    )
+    write_summary(run_dir, args, settings, evals, final, dataset["labeled_episodes"], free_nats=free_nats, **diagnostics)
     if args.save_model:
         save_safely(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "model.pt")
     writer.close()

@@ -533,8 +533,11 @@ def resume_settings(run_dir: Path, args: Args, dataset: dict, commit: str) -> tu
     if commits[-1] != commit:
         print(f"resuming with other code: {commits[-1]} -> {commit}")
         commits.append(commit)
-    settings = state["settings"] | {"args": asdict(args), "changes": state["settings"]["changes"] + changes}
-    return state, settings | {"commits": commits}
+    return state, state["settings"] | {
+        "args": asdict(args),
+        "changes": state["settings"]["changes"] + changes,
+        "commits": commits,
+    }
 
 
 def git_commit() -> str:
@@ -547,7 +550,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, commit: str, **extra):
+def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final: dict, labeled_episodes, **extra):
     """`summary.json`: the result, `final_return` (the mean return of final_evaluation, with its standard error and
     number of episodes) and final_normalized_score = final_return / 10; best_normalized_score, the best periodic
     evaluation (null without one), for reference only, since offline RL cannot select a checkpoint in the real
@@ -566,7 +569,7 @@ def write_summary(run_dir: Path, args: Args, settings: dict, evals: list, final:
         "script": settings["script"],
         "dataset_sha256": settings["dataset_sha256"],
         "flag_changes": settings["changes"],
-        "git_commit": commit,
+        "git_commit": settings["commits"][-1],
         "git_commits": settings["commits"],
         **extra,
     }
@@ -860,7 +863,7 @@ if __name__ == "__main__":
 
     idm_summary = {"idm_val_mse": idm_metrics["val_mse"], "idm_val_r2": idm_metrics["val_r2"]}
     final = final_evaluation(args, lambda: act, dataset["attrs"], writer, args.total_steps)
-    write_summary(run_dir, args, settings, evals, final, dataset["labeled_episodes"], commit, **idm_summary)
+    write_summary(run_dir, args, settings, evals, final, dataset["labeled_episodes"], **idm_summary)
     if args.save_model:
         stats = {"obs_mean": torch.as_tensor(mean), "obs_std": torch.as_tensor(std), "settings": settings}
         save_safely({k: net.state_dict() for k, net in nets.items()} | stats, run_dir / "model.pt")

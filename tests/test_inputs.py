@@ -353,10 +353,10 @@ def test_full_disk_keeps_the_previous_files(tmp_path):
     assert torch.load(path, weights_only=True) == {"step": 1} and not (tmp_path / "checkpoint.pt.tmp").exists()
     args, settings = td3_bc.Args(), {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": [], "commits": ["c"]}
     final = {"final_return": 10.0, "final_return_stderr": 1.0, "final_eval_episodes": 2}
-    td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0)], final, [0], "c")
+    td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0)], final, [0])
     (tmp_path / "summary.json.tmp").symlink_to("/dev/full")
     with pytest.raises(SystemExit, match="No space left on device"):
-        td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0), (2, 20.0)], final | {"final_return": 20.0}, [0], "c")
+        td3_bc.write_summary(tmp_path, args, settings, [(1, 10.0), (2, 20.0)], final | {"final_return": 20.0}, [0])
     assert json.loads((tmp_path / "summary.json").read_text())["final_return"] == 10.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "summary.json"]
 

@@ -218,10 +218,10 @@ def test_final_evaluation_is_the_result_with_its_standard_error(tmp_path):
     one = td3_bc.final_evaluation(replace(args, final_eval_episodes=1), random_policies(), attrs, writer, step=7)
     assert one["final_return_stderr"] is None  # no spread from one episode
     settings = {"script": "td3_bc.py", "dataset_sha256": "a" * 64, "changes": [], "commits": ["c"]}
-    td3_bc.write_summary(tmp_path, args, settings, [(1, 50.0), (2, 30.0)], final, [0], "c")
+    td3_bc.write_summary(tmp_path, args, settings, [(1, 50.0), (2, 30.0)], final, [0])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_return"] == final["final_return"] and summary["final_return_stderr"] == final["final_return_stderr"]
     assert summary["final_normalized_score"] == pytest.approx(final["final_return"] / 10)
     assert summary["best_normalized_score"] == 5.0 and summary["final_eval_episodes"] == 4
-    td3_bc.write_summary(tmp_path, args, settings, [], final, [0], "c")  # evaluation only: no periodic evaluation
+    td3_bc.write_summary(tmp_path, args, settings, [], final, [0])  # evaluation only: no periodic evaluation
     assert json.loads((tmp_path / "summary.json").read_text())["best_normalized_score"] is None
