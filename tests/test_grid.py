@@ -33,14 +33,15 @@ def tiny(tmp_path) -> dict:
     return paths
 
 
-def grid_command(tiny: dict, *flags) -> list[str]:
+def grid_command(tiny: dict, *flags, report: bool = True) -> list[str]:
+    """The grid on the tiny dataset; report=False leaves --report at its default."""
     return [sys.executable, str(ROOT / "utils" / "grid.py"), "--envs", "cheetah-run", "--datasets", "medium-replay",
             "--recipe", "smoke", "--datasets-dir", str(tiny["datasets"]), "--runs-dir", str(tiny["runs"]),
-            "--report", str(tiny["report"]), *map(str, flags)]  # fmt: skip
+            *(["--report", str(tiny["report"])] if report else []), *map(str, flags)]  # fmt: skip
 
 
-def run_grid(tiny: dict, *flags, env=None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(grid_command(tiny, *flags), capture_output=True, text=True, env=env)
+def run_grid(tiny: dict, *flags, env=None, check: bool = True, report: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(grid_command(tiny, *flags, report=report), capture_output=True, text=True, env=env, cwd=ROOT)
     if check and out.returncode != 0:
         raise AssertionError(f"grid failed:\n{out.stdout}\n{out.stderr}")
     return out
@@ -93,8 +94,13 @@ def test_a_killed_grid_resumes_its_runs(tiny):
     process.wait()
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "summary.json").exists()
 
-    out = run_grid(tiny, *flags)
+    docs = {p: p.read_bytes() for p in (ROOT / "docs").rglob("*") if p.is_file()}
+    out = run_grid(tiny, *flags, report=False)
     assert "0 finished, 0 on the cluster, 1 to resume, 0 to start" in out.stdout
+    # the default report goes to the runs folder, not into the checkout the runs start from (which would make every
+    # later run record a -dirty commit)
+    assert f"report: {tiny['runs'] / 'results.md'}" in out.stdout and (tiny["runs"] / "results.md").exists()
+    assert {p: p.read_bytes() for p in (ROOT / "docs").rglob("*") if p.is_file()} == docs
     log = (run_dir / "grid.log").read_text()
     assert log.count("== ") == 2 and log.split("== ")[2].split("\n")[0].endswith("--resume") and "resumed" in log
     steps = [e["step"] for e in summary(run_dir)["evaluations"]]

@@ -86,8 +86,10 @@ class Args:
     """folder that collect_data.py wrote the datasets to"""
     runs_dir: str = "runs"
     """folder of the run folders (`{runs_dir}/{run name}`)"""
-    report: Optional[str] = "docs/results.md"
-    """the report written at the end from every grid run in `--runs-dir` (figures beside it); None: no report"""
+    report: Optional[str] = "{runs_dir}/results.md"
+    """the report written at the end from every grid run in `--runs-dir` (figures beside it; `{runs_dir}` stands for
+    `--runs-dir`); None: no report. Not inside the checkout by default: a report there leaves the checkout modified,
+    and every later run from it records a `-dirty` commit, which the report then marks as mixed code"""
     dry_run: bool = False
     """print what would run (each run's command and whether it is finished, resumed or new), run nothing"""
     cluster: Literal["local", "slurm", "debug"] = "local"
@@ -501,8 +503,9 @@ def main(args: Args, extra: list[str]) -> int:
     if args.report:
         import report
 
-        report.write_report(Path(args.runs_dir), Path(args.report))
-        print(f"report: {args.report}")
+        out = Path(args.report.replace("{runs_dir}", args.runs_dir))
+        report.write_report(Path(args.runs_dir), out)
+        print(f"report: {out}")
     if failed:
         print(f"error: {len(failed)} runs failed (their logs: {{run folder}}/grid.log):", file=sys.stderr)
         for name in failed:
