@@ -237,6 +237,20 @@ def test_a_run_resumed_on_other_code_marks_its_cell(tmp_path):
     assert "TD3+BC:" not in text and "`aaaaaaa` (3 runs), `ccccccc+aaaaaaa` (1 run)" in text
 
 
+def test_extra_flags_spelled_two_ways_share_a_table(tmp_path):
+    # `-- --free-nats-u 3` and `--extra-flags=--free-nats-u=3` give the runs the same tag, hence the same names
+    runs = tmp_path / "runs"
+    for seed, spelling in ((1, "--free-nats-u 3"), (2, "--free-nats-u=3")):
+        fake_run(runs, "lawm", "cheetah-run", "medium", seed, 20.0 + seed, extra="free-nats-u=3")
+        path = next(runs.glob(f"*__{seed}free-nats-u=3")) / "grid.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"extra_flags": spelling}))
+    out = tmp_path / "docs" / "results.md"
+    report.write_report(runs, out)
+    text = out.read_text()
+    assert text.count("## cpu recipe, 5% action-labeled, extra flags") == 1
+    assert "| cheetah-run | medium | **21.5 ± 0.5** (2) |" in text
+
+
 def test_iqm_and_stratified_bootstrap_follow_their_definitions():
     assert report.iqm(np.arange(1, 9)) == 4.5  # 8 scores: drop 2 from each end, mean of 3, 4, 5, 6
     assert report.iqm([5, 1, 100, 3, 4]) == pytest.approx((3 + 4 + 5) / 3)  # int(5 / 4) = 1 cut from each end

@@ -234,8 +234,10 @@ def write_report(runs_dir: Path, out: Path):
              ""]  # fmt: skip
     if not runs:
         lines += [f"No finished grid run in `{runs_dir}` yet: `python utils/grid.py --workers 2` runs Table 1 ({guide})."]
-    for recipe, extra in sorted({(r["recipe"], r["extra_flags"]) for r in runs}):
-        mine = [r for r in runs if r["recipe"] == recipe and r["extra_flags"] == extra]
+    # by the tag, which names the runs, not by the flags' spelling: `--x 3` and `--x=3` are the same runs to the grid
+    for recipe, tag in sorted({(r["recipe"], r["tag"]) for r in runs}):
+        mine = [r for r in runs if r["recipe"] == recipe and r["tag"] == tag]
+        extra = mine[0]["extra_flags"]
         fractions = sorted({r["labeled_fraction"] for r in mine if not r["fixed_fraction"]}) or [1.0]
         slug = "_".join([out.stem, recipe] + ([mine[0]["tag"]] if extra else []))
         slug = "".join(c if c.isalnum() or c in "._,=+-" else "_" for c in slug)
