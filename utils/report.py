@@ -239,7 +239,7 @@ def write_report(runs_dir: Path, out: Path):
         mine = [r for r in runs if r["recipe"] == recipe and r["tag"] == tag]
         extra = mine[0]["extra_flags"]
         fractions = sorted({r["labeled_fraction"] for r in mine if not r["fixed_fraction"]}) or [1.0]
-        slug = "_".join([out.stem, recipe] + ([mine[0]["tag"]] if extra else []))
+        slug = "_".join([out.stem, recipe] + ([tag] if tag else []))
         slug = "".join(c if c.isalnum() or c in "._,=+-" else "_" for c in slug)
         for fraction in fractions:
             chosen = [r for r in mine if r["fixed_fraction"] or r["labeled_fraction"] == fraction]
