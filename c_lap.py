@@ -336,12 +336,11 @@ def load_dataset(args: Args) -> dict:
     return data
 
 
-def check_split(
-    dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int, needs_action_free: bool
-):
+def check_split(dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int):
     """One-line errors, before any training, for a split that leaves the algorithm nothing to learn from: fewer than
     `min_with_actions` trajectories it trains on with actions (`with_actions`), none of them `seq_len` steps long,
-    or, with `needs_action_free`, no action-free trajectory (`action_free`) of seq_len steps."""
+    or action-free trajectories (`action_free`, [] for an algorithm that reads none) none of which is seq_len steps
+    long. No action-free trajectory at all is a valid split (--labeled-fraction 1.0): the IDM has nothing to label."""
     script, lengths = os.path.basename(__file__), dataset["episode_ends"] - dataset["episode_starts"]
     total = len(lengths)
     if len(with_actions) < min_with_actions:
@@ -349,12 +348,7 @@ def check_split(
             f"error: {script} needs at least {min_with_actions} labeled trajectories to train on; --labeled-fraction "
             f"{args.labeled_fraction} of {total} trajectories leaves {len(with_actions)}: raise --labeled-fraction"
         )
-    if needs_action_free and len(action_free) == 0:
-        raise SystemExit(
-            f"error: {script} learns from action-free trajectories, and --labeled-fraction {args.labeled_fraction} "
-            f"leaves none of the {total}: lower --labeled-fraction"
-        )
-    for kind, episodes in (("labeled", with_actions), ("action-free", action_free if needs_action_free else [])):
+    for kind, episodes in (("labeled", with_actions), ("action-free", action_free)):
         longest = max(lengths[episodes], default=0)
         if len(episodes) and longest < seq_len:
             raise SystemExit(
@@ -991,7 +985,7 @@ if __name__ == "__main__":
     dataset = load_dataset(args)
     # C-LAP sees the labeled trajectories only: windows start inside them
     episodes = dataset["labeled_episodes"]
-    check_split(dataset, args, episodes, [], args.seq_len, min_with_actions=1, needs_action_free=False)
+    check_split(dataset, args, episodes, [], args.seq_len, min_with_actions=1)
     starts = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes, args.seq_len)
     check_video(args)
     settings = run_settings(args, dataset, commit)

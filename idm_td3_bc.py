@@ -304,12 +304,11 @@ def load_dataset(args: Args) -> dict:
     return data
 
 
-def check_split(
-    dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int, needs_action_free: bool
-):
+def check_split(dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int):
     """One-line errors, before any training, for a split that leaves the algorithm nothing to learn from: fewer than
     `min_with_actions` trajectories it trains on with actions (`with_actions`), none of them `seq_len` steps long,
-    or, with `needs_action_free`, no action-free trajectory (`action_free`) of seq_len steps."""
+    or action-free trajectories (`action_free`, [] for an algorithm that reads none) none of which is seq_len steps
+    long. No action-free trajectory at all is a valid split (--labeled-fraction 1.0): the IDM has nothing to label."""
     script, lengths = os.path.basename(__file__), dataset["episode_ends"] - dataset["episode_starts"]
     total = len(lengths)
     if len(with_actions) < min_with_actions:
@@ -317,12 +316,7 @@ def check_split(
             f"error: {script} needs at least {min_with_actions} labeled trajectories to train on; --labeled-fraction "
             f"{args.labeled_fraction} of {total} trajectories leaves {len(with_actions)}: raise --labeled-fraction"
         )
-    if needs_action_free and len(action_free) == 0:
-        raise SystemExit(
-            f"error: {script} learns from action-free trajectories, and --labeled-fraction {args.labeled_fraction} "
-            f"leaves none of the {total}: lower --labeled-fraction"
-        )
-    for kind, episodes in (("labeled", with_actions), ("action-free", action_free if needs_action_free else [])):
+    for kind, episodes in (("labeled", with_actions), ("action-free", action_free)):
         longest = max(lengths[episodes], default=0)
         if len(episodes) and longest < seq_len:
             raise SystemExit(
@@ -758,7 +752,7 @@ if __name__ == "__main__":
     # every input is checked before any work: the dataset, the split, rendering, the run folder, the checkpoint
     dataset = load_dataset(args)
     action_free = np.setdiff1d(np.arange(len(dataset["episode_starts"])), dataset["labeled_episodes"])
-    check_split(dataset, args, dataset["labeled_episodes"], action_free, 1, min_with_actions=2, needs_action_free=True)
+    check_split(dataset, args, dataset["labeled_episodes"], action_free, 1, min_with_actions=2)
     check_video(args)
     run_dir = make_run_dir(args)
     state, settings = (
@@ -775,6 +769,8 @@ if __name__ == "__main__":
     # TD3+BC sees every trajectory: the action-free ones with the actions the IDM infers
     train = {k: dataset[k] for k in DATASET_KEYS}
     print(f"{run_dir.name}: {len(dataset['labeled_episodes'])} labeled trajectories, {len(train['rewards'])} transitions")
+    if len(action_free) == 0:
+        print("no action-free trajectories (--labeled-fraction 1.0): the IDM labels nothing; this is TD3+BC with every label")
     mean, std = compute_mean_std(train["observations"])
     episode_of = np.repeat(np.arange(len(dataset["episode_starts"])), dataset["episode_ends"] - dataset["episode_starts"])
     starts = dataset["episode_starts"][episode_of]

@@ -346,12 +346,11 @@ def load_dataset(args: Args) -> dict:
     return data
 
 
-def check_split(
-    dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int, needs_action_free: bool
-):
+def check_split(dataset: dict, args: Args, with_actions, action_free, seq_len: int, min_with_actions: int):
     """One-line errors, before any training, for a split that leaves the algorithm nothing to learn from: fewer than
     `min_with_actions` trajectories it trains on with actions (`with_actions`), none of them `seq_len` steps long,
-    or, with `needs_action_free`, no action-free trajectory (`action_free`) of seq_len steps."""
+    or action-free trajectories (`action_free`, [] for an algorithm that reads none) none of which is seq_len steps
+    long. No action-free trajectory at all is a valid split (--labeled-fraction 1.0): the IDM has nothing to label."""
     script, lengths = os.path.basename(__file__), dataset["episode_ends"] - dataset["episode_starts"]
     total = len(lengths)
     if len(with_actions) < min_with_actions:
@@ -359,12 +358,7 @@ def check_split(
             f"error: {script} needs at least {min_with_actions} labeled trajectories to train on; --labeled-fraction "
             f"{args.labeled_fraction} of {total} trajectories leaves {len(with_actions)}: raise --labeled-fraction"
         )
-    if needs_action_free and len(action_free) == 0:
-        raise SystemExit(
-            f"error: {script} learns from action-free trajectories, and --labeled-fraction {args.labeled_fraction} "
-            f"leaves none of the {total}: lower --labeled-fraction"
-        )
-    for kind, episodes in (("labeled", with_actions), ("action-free", action_free if needs_action_free else [])):
+    for kind, episodes in (("labeled", with_actions), ("action-free", action_free)):
         longest = max(lengths[episodes], default=0)
         if len(episodes) and longest < seq_len:
             raise SystemExit(
@@ -1094,7 +1088,7 @@ if __name__ == "__main__":
     # LAWM sees every trajectory: the labeled ones (those of every baseline) with their actions, the others without
     episodes_ac = dataset["labeled_episodes"]
     episodes_af = np.setdiff1d(np.arange(len(dataset["episode_starts"])), episodes_ac)  # trained on without actions
-    check_split(dataset, args, episodes_ac, episodes_af, args.seq_len, min_with_actions=1, needs_action_free=True)
+    check_split(dataset, args, episodes_ac, episodes_af, args.seq_len, min_with_actions=1)
     starts_ac = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes_ac, args.seq_len)
     starts_af = window_starts(dataset["episode_starts"], dataset["episode_ends"], episodes_af, args.seq_len)
     # the recovery set: action-free trajectories whose true actions, read from the file for the diagnostic alone,
@@ -1133,6 +1127,11 @@ if __name__ == "__main__":
         f"steps), {len(episodes_af)} without ({len(starts_af)} windows), {len(recovery_episodes)} of them scored by "
         f"the action-recovery diagnostic; {n_ac} of {args.batch_size} windows per batch have actions"
     )
+    if len(episodes_af) == 0:  # --labeled-fraction 1.0
+        print(
+            "no action-free trajectories: every window has actions, so the ELBO is C-LAP's with the N(0, I) latent action "
+            "prior, the IDM learns from the alignment term alone, and the action-recovery diagnostic is off"
+        )
     mean, std = compute_mean_std(dataset["observations"])
     to_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
     normalized = lambda m, s: (to_tensor((dataset[k] - m) / s) for k in ("observations", "next_observations"))  # noqa: E731

@@ -4,6 +4,7 @@ disk, and --capture-video. The shared blocks are one text in every script (test_
 tests run on td3_bc's copy; each script's own use of them runs in a subprocess."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -205,32 +206,26 @@ def test_split_checks(fake_datasets):
             td3_bc.check_split(data, args, *a, **kw)
         return str(e.value)
 
-    td3_bc.check_split(data, args, labeled, free, 50, min_with_actions=2, needs_action_free=True)  # passes
+    td3_bc.check_split(data, args, labeled, free, 50, min_with_actions=2)  # passes
+    td3_bc.check_split(data, args, labeled, [], 50, min_with_actions=2)  # no action-free trajectory: valid (100%)
     assert "needs at least 3 labeled trajectories to train on; --labeled-fraction 0.1 of 20 trajectories leaves 2" in error(
-        labeled, free, 1, min_with_actions=3, needs_action_free=False
-    )
-    assert "learns from action-free trajectories, and --labeled-fraction 0.1 leaves none of the 20" in error(
-        labeled, [], 1, min_with_actions=1, needs_action_free=True
+        labeled, free, 1, min_with_actions=3
     )
     assert "no labeled trajectory is 51 steps long (the longest has 50): lower --seq-len to 50" in error(
-        labeled, free, 51, min_with_actions=1, needs_action_free=False
+        labeled, free, 51, min_with_actions=1
     )
     data["episode_ends"] = data["episode_ends"].copy()
     data["episode_ends"][free] = data["episode_starts"][free] + 5  # short action-free trajectories
-    assert "no action-free trajectory is 10 steps long (the longest has 5)" in error(
-        labeled, free, 10, min_with_actions=1, needs_action_free=True
-    )
-    td3_bc.check_split(data, args, labeled, free, 10, min_with_actions=1, needs_action_free=False)  # c_lap needs none
+    assert "no action-free trajectory is 10 steps long (the longest has 5)" in error(labeled, free, 10, min_with_actions=1)
+    td3_bc.check_split(data, args, labeled, [], 10, min_with_actions=1)  # c_lap reads no action-free trajectory
 
 
 @pytest.mark.parametrize(
     "script, flags, expected",
     [
-        ("idm_td3_bc.py", ["--labeled-fraction", "1.0"], "idm_td3_bc.py learns from action-free trajectories"),
         ("idm_td3_bc.py", ["--labeled-fraction", "0.05"], "idm_td3_bc.py needs at least 2 labeled trajectories"),
         ("c_lap.py", ["--seq-len", "60"], "no labeled trajectory is 60 steps long (the longest has 50)"),
         ("lawm.py", ["--seq-len", "60", "--labeled-fraction", "0.5"], "no labeled trajectory is 60 steps long"),
-        ("lawm.py", ["--labeled-fraction", "1.0"], "lawm.py learns from action-free trajectories"),
         ("c_lap.py", ["--seq-len", "1"], "--seq-len must be at least 2"),
         ("lawm.py", ["--batch-size", "1"], "--batch-size must be at least 2"),
     ],
@@ -241,6 +236,26 @@ def test_split_errors_of_each_script(fake_datasets, tmp_path, script, flags, exp
     )
     assert expected in one_line_error(out)
     assert not (tmp_path / "runs").exists()  # stopped before the run folder
+
+
+@pytest.mark.parametrize(
+    "script, message",
+    [("idm_td3_bc.py", "the IDM labels nothing"), ("lawm.py", "the action-recovery diagnostic is off")],
+)
+def test_every_trajectory_labeled_is_a_valid_split(fake_datasets, tmp_path, script, message):
+    """--labeled-fraction 1.0 leaves no action-free trajectory: the scripts that learn from them train on the labeled
+    ones alone (the 100% point of the label-fraction curve), and say so; LAWM's recovery diagnostic has no data."""
+    flags = ["--eval-every", "2", "--eval-episodes", "1", "--final-eval-episodes", "1", "--run-name", "all"]
+    out = run_script(script, *TINY[script], "--datasets-dir", fake_datasets, "--runs-dir", tmp_path, "--labeled-fraction",
+                     "1.0", *flags)  # fmt: skip
+    assert message in out.stdout
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["labeled_episodes"] == list(range(20)) and math.isfinite(summary["final_return"])
+    if script == "lawm.py":  # every window has actions; a NaN world model would reach the imagined reward
+        assert "20 trajectories with actions" in out.stdout and "0 without (0 windows)" in out.stdout
+        assert "2 of 2 windows per batch have actions" in out.stdout
+        assert summary["idm_action_r2"] is None and summary["recovery_episodes"] == []
+        assert math.isfinite(summary["imagined_reward"]) and math.isfinite(summary["model_reward"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
