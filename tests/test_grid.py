@@ -6,6 +6,7 @@ handed to a stand-in sbatch)."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,3 +362,28 @@ def test_a_slurm_job_requeued_at_its_time_limit_continues_with_resume(tiny, tmp_
     assert [e["step"] for e in summary(run_dir)["evaluations"]] == list(range(100, 3001, 100))
     out = run_grid(tiny, *flags, env=env)  # the same command again: the run is finished, the report written
     assert "1 runs: 1 finished" in out.stdout and "TD3+BC" in tiny["report"].read_text()
+
+
+def test_the_report_outlives_its_run_folders(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "docs" / "results.md"
+    for seed, score in ((1, 10.0), (2, 20.0)):
+        fake_run(runs, "lawm", "cheetah-run", "medium", seed, score)
+    fake_run(runs, "td3_bc", "cheetah-run", "medium", 1, 5.0, commit="b" * 40)
+    report.write_report(runs, out)
+    records = out.with_name("results_runs.jsonl")
+    first, lines = out.read_text(), records.read_text().splitlines()
+    assert len(lines) == 3 and {json.loads(line)["commit"] for line in lines} == {"a" * 40, "b" * 40}
+    shutil.rmtree(runs)  # the folders are lost: the records alone make the same report
+    again = tmp_path / "again" / "results.md"
+    report.write_report(runs, again, [records])
+    body = lambda text: text.split("\n", 3)[3]  # noqa: E731  (the line naming the command differs)
+    assert body(again.read_text()) == body(first) and "| cheetah-run | medium | 5.0 ± 0.0 (1) | **15.0 ± 5.0** (2) |" in first
+    assert f"--records {records}" in again.read_text()
+    # new runs grow the report, and a run folder wins over the record of the same name
+    fake_run(runs, "lawm", "cheetah-run", "medium", 3, 30.0)
+    fake_run(runs, "lawm", "cheetah-run", "medium", 1, 40.0)
+    report.write_report(runs, out, [records])
+    assert "| cheetah-run | medium | 5.0 ± 0.0 (1) | **30.0 ± 8.2** (3) |" in out.read_text()  # 40, 20, 30
+    assert len(records.read_text().splitlines()) == 4
+    with pytest.raises(SystemExit, match="no file"):
+        report.write_report(runs, out, [tmp_path / "missing.jsonl"])

@@ -21,7 +21,12 @@ class Args:
     runs_dir: str = "runs"
     """folder of the run folders; every run with a grid.json (written by utils/grid.py) and a summary.json counts"""
     out: str = "docs/results.md"
-    """the markdown report; its figures go to `figures/` beside it"""
+    """the markdown report; its figures go to `figures/` beside it, and the records of the runs it counted (one
+    line of JSON each: method, env, dataset, seed, recipe, scores, commit) to `{out stem}_runs.jsonl` beside it"""
+    records: tuple[str, ...] = ()
+    """records files of earlier reports (their `*_runs.jsonl`) whose runs count beside the run folders, so that a
+    report outlives the folders it was made from and grows from itself: `--records docs/results_runs.jsonl`. A run
+    folder wins over a record of the same name"""
 
 
 def iqm(scores) -> float:
@@ -68,6 +73,20 @@ def read_runs(runs_dir: Path) -> list[dict]:
         info.update(labeled_fraction=float(summary["args"]["labeled_fraction"]), commit=commit)
         runs.append(info)
     return runs
+
+
+def read_records(paths) -> list[dict]:
+    """The runs of records files that write_report wrote (one JSON object a line), in order, each name once (the
+    last wins)."""
+    runs = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise SystemExit(f"--records: no file {path}")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                run = json.loads(line)
+                runs[run["name"]] = run
+    return list(runs.values())
 
 
 def short(commit: str) -> str:
@@ -216,15 +235,19 @@ def fraction_curve(runs: list[dict], fractions: list, path: Path, out_dir: Path)
     return [f"Over the cells that ran every fraction: {where}.", ""] + lines + ["", figure, ""]
 
 
-def write_report(runs_dir: Path, out: Path):
-    """`out` (markdown) and its figures from every finished grid run in `runs_dir`: one Table 1 per recipe, tag of
-    extra flags and labeled fraction, so runs of different recipes or flags never share a cell, and a cell whose
-    seeds ran different commits (or holds a run resumed on other code) is marked."""
-    runs, out_dir = read_runs(runs_dir), out.parent
+def write_report(runs_dir: Path, out: Path, records=()):
+    """`out` (markdown) and its figures from every finished grid run in `runs_dir` and in the `records` files: one
+    Table 1 per recipe, tag of extra flags and labeled fraction, so runs of different recipes or flags never share a
+    cell, and a cell whose seeds ran different commits (or holds a run resumed on other code) is marked. The runs it
+    counted go to `{out stem}_runs.jsonl` beside `out`."""
+    runs = {run["name"]: run for run in read_records(records)} | {run["name"]: run for run in read_runs(runs_dir)}
+    runs, out_dir = sorted(runs.values(), key=lambda run: run["name"]), out.parent
+    source = "".join(f" --records {path}" for path in records)
     figures, guide = out_dir / "figures", os.path.relpath(DOCS / "grid.md", out_dir)
     lines = ["# Results", "",
-             f"Written by `python utils/report.py --runs-dir {runs_dir} --out {out}` (also at the end of `utils/grid.py`, "
-             f"[grid.md]({guide})) from the run folders; do not edit by hand.",
+             f"Written by `python utils/report.py --runs-dir {runs_dir}{source} --out {out}` (also at the end of "
+             f"`utils/grid.py`, [grid.md]({guide})); do not edit by hand. `{out.stem}_runs.jsonl` beside it holds the "
+             "record of every run counted here, so the report can be made again, and extended, without the run folders.",
              "A cell is the mean ± std (over seeds, ddof 0) of the runs' final normalized score (return / 10 of the "
              "final evaluation, `--final-eval-episodes` episodes after training), with the number of seeds in "
              "parentheses; the best mean of each row is in bold; † marks a cell whose seeds ran different commits or "
@@ -254,9 +277,10 @@ def write_report(runs_dir: Path, out: Path):
             lines += fraction_curve(mine, fractions, figures / f"{slug}_fractions.png", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
+    out.with_name(f"{out.stem}_runs.jsonl").write_text("".join(json.dumps(run, sort_keys=True) + "\n" for run in runs))
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    write_report(Path(args.runs_dir), Path(args.out))
+    write_report(Path(args.runs_dir), Path(args.out), args.records)
     print(f"wrote {args.out}")
