@@ -76,17 +76,13 @@ def read_runs(runs_dir: Path) -> list[dict]:
 
 
 def read_records(paths) -> list[dict]:
-    """The runs of records files that write_report wrote (one JSON object a line), in order, each name once (the
-    last wins)."""
-    runs = {}
+    """The runs of records files that write_report wrote (one JSON object a line), in order."""
+    runs = []
     for path in map(Path, paths):
         if not path.is_file():
             raise SystemExit(f"--records: no file {path}")
-        for line in path.read_text().splitlines():
-            if line.strip():
-                run = json.loads(line)
-                runs[run["name"]] = run
-    return list(runs.values())
+        runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return runs
 
 
 def short(commit: str) -> str:
@@ -240,7 +236,8 @@ def write_report(runs_dir: Path, out: Path, records=()):
     Table 1 per recipe, tag of extra flags and labeled fraction, so runs of different recipes or flags never share a
     cell, and a cell whose seeds ran different commits (or holds a run resumed on other code) is marked. The runs it
     counted go to `{out stem}_runs.jsonl` beside `out`."""
-    runs = {run["name"]: run for run in read_records(records)} | {run["name"]: run for run in read_runs(runs_dir)}
+    # one run a name: a later record wins over an earlier one, a run folder over any record
+    runs = {run["name"]: run for run in read_records(records) + read_runs(runs_dir)}
     runs, out_dir = sorted(runs.values(), key=lambda run: run["name"]), out.parent
     source = "".join(f" --records {path}" for path in records)
     figures, guide = out_dir / "figures", os.path.relpath(DOCS / "grid.md", out_dir)
