@@ -4,6 +4,7 @@
 # A second SAC agent that ignores the task and is rewarded by the disagreement of an ensemble of one-step
 # dynamics models (as Plan2Explore) makes the plan2explore set: its replay, with the task rewards recorded.
 # Format and protocol: docs/datasets.md.
+import fcntl
 import os
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # states only: no OpenGL context is ever needed
@@ -412,6 +413,21 @@ def save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def lock_seed(work: Path, seed: int):
+    """Holds an exclusive lock on a seed's folder while this process collects it: two processes on one seed (an
+    assembly started before a seed's own process ended) would train it twice and write the same checkpoint. The
+    kernel releases the lock when the process ends, killed or not, so a stale lock cannot block a resume."""
+    handle = open(work / "lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(
+            f"error: seed {seed} is being collected by another process (it holds {work / 'lock'}); "
+            "wait for that process to end, then run this again"
+        ) from None
+    return handle  # the lock lasts as long as the handle
 
 
 def rng_state(env) -> dict:
@@ -974,7 +990,9 @@ if __name__ == "__main__":
         work = work_root / f"seed_{seed}"
         work.mkdir(parents=True, exist_ok=True)
         if not all(part_is_current(work / f"{kind}.npz", args) for kind in args.kinds):
+            lock = lock_seed(work, seed)
             collect_seed(args, seed, work, device)
+            lock.close()
         print(f"seed {seed} done after {(time.time() - start) / 60:.1f} min", flush=True)
     if not args.assemble:
         print(f"seeds {seeds} done; assemble the datasets with a run over every seed without --no-assemble")

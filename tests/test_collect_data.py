@@ -320,6 +320,19 @@ def test_one_line_errors(flags, message, tmp_path):
     assert len([line for line in out.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
+def test_a_seed_collected_by_another_process_is_not_trained_twice(tmp_path):
+    work = tmp_path / "d" / "cheetah-run" / ".work" / "seed_1"
+    work.mkdir(parents=True)
+    held = cd.lock_seed(work, 1)  # as the seed's own process holds it while it trains
+    out = run(*FAST, "--resume", "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs", check=False)
+    assert out.returncode != 0
+    assert "seed 1 is being collected by another process" in out.stderr and "Traceback" not in out.stderr
+    assert not (work / "checkpoint.pt").exists()  # it trained nothing
+    held.close()  # the other process ended (a killed one releases it too)
+    run(*FAST, "--resume", "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs")
+    assert (tmp_path / "d" / "cheetah-run" / "expert.hdf5").exists()
+
+
 def test_a_finished_collection_can_be_extended(tmp_path):
     flags = [*FAST, "--datasets-dir", tmp_path / "d", "--runs-dir", tmp_path / "runs"]
     run(*flags)
