@@ -104,13 +104,21 @@ class Args:
     latent_action_dim: int = 8
     """size of the latent action u_t"""
     min_std: float = 0.1
-    """lower bound of the standard deviations of z_t and u_t"""
+    """lower bound of the standard deviations of z_t and u_t (of u_t unless --min-std-u is given)"""
+    min_std_u: Optional[float] = None
+    """lower bound of the standard deviations of the latent action posteriors q(u|s,a) and q_idm alone (None: the same
+    as --min-std); a larger one makes u_t noisier, a remedy of latent-action papers against u_t carrying the next
+    observation (docs/lawm.md)"""
     free_nats: Optional[float] = None
     """KL below this many nats is not penalised; default 1.0 on medium-replay and plan2explore, else 0 (paper Table 2)"""
     free_nats_u: Optional[float] = None
     """free nats of the latent action KL alone (None: the same as --free-nats); the u-KL caps what u_t can say about
     a_t, but with lawm.py on walker-walk 3 nats let the data's latent actions leave the constraint and 6 let u_t
     carry the next observation instead of the action (docs/lawm.md)"""
+    kl_u_windows: Literal["all", "action-free"] = "all"
+    """windows whose latent action KL enters the loss: `all` (the unified ELBO) or `action-free` only, a remedy of
+    latent-action papers against the shortcut: q(u|s,a) reads no future observation, so only the IDM's u_t can carry
+    one; the logged kl_u stays the mean over all windows (docs/lawm.md)"""
     kl_balance: float = 0.8
     """KL balancing: this share of the KL gradient trains the prior, the rest the posterior"""
     kl_balance_u: Optional[float] = 0.0
@@ -777,8 +785,9 @@ class WorldModel(nn.Module):
         self.gru = LayerNormGRUCell(H, args.deter_dim)
         self.z_prior = Gaussian(args.deter_dim, args.stoch_dim, H, 1, args.min_std)
         self.z_posterior = Gaussian(args.deter_dim + H, args.stoch_dim, H, 1, args.min_std)
-        self.u_posterior = Gaussian(feat + act_dim, d_u, H, L, args.min_std)
-        self.idm = Gaussian(feat + H, d_u, H, L, args.min_std)
+        min_std_u = args.min_std if args.min_std_u is None else args.min_std_u
+        self.u_posterior = Gaussian(feat + act_dim, d_u, H, L, min_std_u)
+        self.idm = Gaussian(feat + H, d_u, H, L, min_std_u)
         self.action_decoder = mlp(feat + d_u, act_dim, H, L)
         self.obs_decoder = mlp(feat, obs_dim, H, L)
         self.reward_decoder = mlp(feat, 1, H, L)
@@ -839,7 +848,8 @@ def unified_elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_na
     -log p(a_t|s_t,u_t) and, weighted by align_coef, the alignment KL(sg q(u_t|s_t,a_t) || q_idm(u_t|s_t,e_{t+1})).
     Every term is a mean over windows and time, so a term of the labeled windows only counts with their share
     B_ac / B of the batch (with B_ac = B this is C-LAP's ELBO with a standard normal prior); the action term is
-    weighted by --action-loss-coef, the u-KL balanced by --kl-balance-u.
+    weighted by --action-loss-coef, the u-KL balanced by --kl-balance-u (and on the action-free windows alone with
+    --kl-u-windows action-free).
     Returns (loss, metrics, states); `action_loss` and `align` in metrics are per labeled step."""
     embed = wm.encoder(obs)  # (B, L+1, D) -> (B, L+1, E), all steps at once
     s = wm.observe(embed, actions)
@@ -849,7 +859,11 @@ def unified_elbo_loss(wm: WorldModel, obs, actions, rewards, args: Args, free_na
     kl_z_loss, kl_z = kl_loss((s["zq_mean"], s["zq_std"]), (s["zp_mean"], s["zp_std"]), args.kl_balance, free_nats)
     balance_u = args.kl_balance if args.kl_balance_u is None else args.kl_balance_u
     free_nats_u = free_nats if args.free_nats_u is None else args.free_nats_u
-    kl_u_loss, kl_u = kl_loss((s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"]), balance_u, free_nats_u)
+    uq, up = (s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"])
+    kl_u_loss, kl_u = kl_loss(uq, up, balance_u, free_nats_u)  # kl_u, the logged diagnostic: over all windows
+    if args.kl_u_windows == "action-free":  # the u-KL of the IDM's windows alone: (B, L, U) -> (B - B_ac, L, U)
+        uq_af, up_af = tuple(x[n_ac:] for x in uq), tuple(x[n_ac:] for x in up)
+        kl_u_loss = kl_loss(uq_af, up_af, balance_u, free_nats_u)[0] if n_ac < len(obs) else kl_u_loss * 0
     loss = obs_loss + reward_loss + kl_z_loss + kl_u_loss
     metrics = {"obs_loss": obs_loss, "reward_loss": reward_loss, "kl_z": kl_z, "kl_u": kl_u}
     if n_ac > 0:  # (a mean over no windows would be NaN)
@@ -1041,7 +1055,7 @@ def open_loop_figure(predicted: np.ndarray, true: np.ndarray, dims: int = 4):
 # what a reused world model (--model-checkpoint) must share with the run that loads it: the data and labels it was
 # trained on (or a 5% run could load a model that saw the actions of every trajectory), and its sizes
 WORLD_MODEL_FLAGS = ("env", "dataset", "labeled_fraction", "split_seed", "deter_dim", "stoch_dim", "hidden_dim",
-                     "mlp_layers", "latent_action_dim", "min_std")  # fmt: skip
+                     "mlp_layers", "latent_action_dim", "min_std", "min_std_u")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -1071,6 +1085,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --kl-balance-u must be in [0, 1], got {args.kl_balance_u}")
     if args.free_nats_u is not None and args.free_nats_u < 0:
         raise SystemExit(f"error: --free-nats-u must be at least 0, got {args.free_nats_u}")
+    if args.min_std_u is not None and args.min_std_u <= 0:
+        raise SystemExit(f"error: --min-std-u must be above 0, got {args.min_std_u}")
     if args.action_loss_coef < 0:
         raise SystemExit(f"error: --action-loss-coef must be at least 0, got {args.action_loss_coef}")
     if args.seq_len < 2:

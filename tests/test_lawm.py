@@ -68,6 +68,46 @@ def test_observe_takes_the_latent_action_by_the_kind_of_window():
     assert torch.allclose(s["up_mean"], torch.zeros(5, 6, 3)) and torch.allclose(s["up_std"], torch.ones(5, 6, 3))
 
 
+def test_u_kl_on_the_action_free_windows_alone_and_a_noisier_latent_action():
+    """--kl-u-windows action-free replaces the u-KL of all windows by that of the IDM's windows only (the logged
+    kl_u stays over all); --min-std-u bounds the std of q(u|s,a) and q_idm from below, not that of z."""
+    torch.manual_seed(0)
+    wm = lawm.WorldModel(5, 2, small_args())
+    obs, actions, rewards = torch.randn(5, 7, 5), torch.rand(2, 6, 2) * 2 - 1, torch.randn(5, 6)
+    torch.manual_seed(1)
+    s = lawm.unified_elbo_loss(wm, obs, actions, rewards, small_args(), 0.0)[2]
+    uq, up = (s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"])
+    kl_mean = lambda windows: lawm.kl_gaussian(*(x[windows] for x in uq + up)).mean().item()  # noqa: E731
+    # free nats between the two means: the clamp must act on the mean of the action-free windows, not of all
+    for free_nats in (0.0, (kl_mean(slice(None)) + kl_mean(slice(2, None))) / 2):
+        torch.manual_seed(1)
+        loss_all, metrics_all, s = lawm.unified_elbo_loss(wm, obs, actions, rewards, small_args(), free_nats)
+        torch.manual_seed(1)  # the same noise, so the same states
+        args_af = small_args(kl_u_windows="action-free")
+        loss_af, metrics_af, _ = lawm.unified_elbo_loss(wm, obs, actions, rewards, args_af, free_nats)
+        uq, up = (s["uq_mean"], s["uq_std"]), (s["up_mean"], s["up_std"])
+        kl_all = lawm.kl_loss(uq, up, 0.0, free_nats)[0]
+        kl_af = lawm.kl_loss(tuple(x[2:] for x in uq), tuple(x[2:] for x in up), 0.0, free_nats)[0]
+        assert not torch.allclose(kl_all, kl_af), (kl_all, kl_af)
+        assert torch.allclose(loss_af - loss_all, kl_af - kl_all, atol=1e-5), (loss_af - loss_all, kl_af - kl_all)
+        assert torch.equal(metrics_af["kl_u"], metrics_all["kl_u"])
+    # no u-KL gradient reaches q(u|s,a) through the labeled windows' KL: with the other terms of those windows off
+    # (actions, alignment) and the sampled u cut from the recurrence, q(u|s,a) gets no gradient at all
+    wm.zero_grad()
+    torch.manual_seed(1)
+    args_cut = small_args(kl_u_windows="action-free", action_loss_coef=0.0, align_coef=0.0)
+    step = wm.step
+    wm.step = lambda h, z, u: step(h, z, u.detach())
+    lawm.unified_elbo_loss(wm, obs, actions, rewards, args_cut, 0.0)[0].backward()
+    assert all(p.grad is None or not p.grad.any() for p in wm.u_posterior.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in wm.idm.parameters())
+    wm.step = step
+    noisy = lawm.WorldModel(5, 2, small_args(min_std_u=0.8))
+    s = noisy.observe(noisy.encoder(obs), actions)
+    assert (s["uq_std"] >= 0.8).all() and (s["idm_std"] >= 0.8).all()
+    assert noisy.z_posterior.min_std == noisy.z_prior.min_std == 0.1 and s["zq_std"].min() < 0.8
+
+
 def test_the_action_free_path_cannot_reach_an_action():
     """Gradients of the action-free windows never touch the action posterior or decoder, and a batch without
     labeled windows runs with no action at all."""
