@@ -14,7 +14,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +53,13 @@ class Args:
     """folder of the tensorboard logs of the SAC agents"""
     seed: int = 1
     """seed of the first agent"""
+    medium_snapshots: tuple[int, ...] = ()
+    """the shortcut that remakes a known medium-replay file: the training episode of each seed's medium snapshot (one
+    per seed, from seed `--seed` on), as a full collection of the same draw recorded it (the `snapshot_episodes`
+    attribute of its medium-replay.hdf5; Table 1's are in docs/datasets.md). Each seed is then trained to that episode
+    only, in place of `--train-episodes`, and writes its medium-replay share; training episode k does not depend on
+    how many follow it, so the file is the full collection's, in a fraction of the time. Only with `--kinds
+    medium-replay` (the expert and medium kinds need the whole training)"""
     assemble: bool = True
     """write the datasets after the seeds are done; `--no-assemble` only trains the seeds and writes their shares, so
     that seeds can be collected in parallel processes (`--seed 2 --num-seeds 1 --no-assemble --resume`) and
@@ -477,7 +484,7 @@ def train_agent(args: Args, seed: int, work: Path, device: torch.device, explore
                 f"{flags_of(state['config'], args)}, or delete {work} to start over"
             )
         if state["episode"] > total_episodes:
-            flag = "--trajectories-per-seed" if explore else "--train-episodes"
+            flag = "--trajectories-per-seed" if explore else "--train-episodes or this seed's --medium-snapshots"
             raise SystemExit(f"error: {checkpoint} is at episode {state['episode']}, past {flag} ({total_episodes} episodes)")
         agent.load_state_dict(state["agent"])
         if explore:
@@ -610,28 +617,32 @@ def transitions(episodes):
         yield obs[:-1], actions, rewards, obs[1:], terminals
 
 
-def collect_seed(args: Args, seed: int, work: Path, device: torch.device):
+def collect_seed(args: Args, seed: int, work: Path, device: torch.device, medium_episode: int | None = None):
     """Trains the agents of one seed and writes its share of every requested dataset to `work/{kind}.npz`."""
-    todo = [kind for kind in args.kinds if not part_is_current(work / f"{kind}.npz", args)]
+    todo = [kind for kind in args.kinds if not part_is_current(work / f"{kind}.npz", args, medium_episode is not None)]
     task_kinds = [kind for kind in todo if kind != "plan2explore"]
     if task_kinds:  # the task agent is loaded or trained only when one of its kinds is still to be written
-        collect_task_kinds(args, seed, work, device, task_kinds)
+        collect_task_kinds(args, seed, work, device, task_kinds, medium_episode)
     if "plan2explore" in todo:
         episodes, _, _, _ = train_agent(args, seed, work, device, explore=True)
         write_part(work, "plan2explore", episodes[args.warmup_episodes :], {"episode": -1, "eval_return": float("nan")}, args)
 
 
-def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, kinds: list):
+def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, kinds: list, medium_episode=None):
     """The task agent and the `kinds` still to be written that come from it: windows of its training episodes,
-    and random actions."""
+    and random actions. `medium_episode`: the medium snapshot given by `--medium-snapshots`."""
     episodes, snapshots, obs_dim, act_dim = train_agent(args, seed, work, device)
-    picks = pick_training_episodes(snapshots, len(episodes), args.warmup_episodes, args.trajectories_per_seed)
+    n = args.trajectories_per_seed
+    picks = pick_training_episodes(snapshots, len(episodes), args.warmup_episodes, n, medium_episode)
     expert, medium = picks["expert_snapshot"], picks["medium_snapshot"]
-    print(
-        f"seed {seed}: expert level {picks['expert_level']:.1f} (mean of the last {SMOOTH_EVALS} evaluations), first at "
-        f"half of it (medium snapshot) at episode {medium['episode']}, first at 90% of it at episode "
-        f"{picks['episodes_to_expert']} (evaluations smoothed over {SMOOTH_EVALS})"
-    )
+    if medium_episode is None:
+        print(
+            f"seed {seed}: expert level {picks['expert_level']:.1f} (mean of the last {SMOOTH_EVALS} evaluations), first "
+            f"at half of it (medium snapshot) at episode {medium['episode']}, first at 90% of it at episode "
+            f"{picks['episodes_to_expert']} (evaluations smoothed over {SMOOTH_EVALS})"
+        )
+    else:
+        print(f"seed {seed}: the given medium snapshot at episode {medium_episode}, evaluation {medium['eval_return']:.1f}")
     if picks["episodes_to_half_expert"] < args.trajectories_per_seed and "medium-replay" in kinds:
         print(
             f"warning: seed {seed} reached half the expert's return after {picks['episodes_to_half_expert']} episodes; "
@@ -640,6 +651,8 @@ def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, 
         )
     curve = {"eval_episodes": [s["episode"] for s in snapshots], "eval_returns": [s["eval_return"] for s in snapshots]}
     curve.update({k: picks[k] for k in ("expert_level", "episodes_to_half_expert", "episodes_to_expert")})
+    if medium_episode is not None:  # a training cut short at the medium snapshot has no expert level to show
+        curve.update(expert_level=float("nan"), episodes_to_expert=-1)
     rng = np.random.default_rng(seed + 20_000)
     env = make_env(args.env, seed + 20_000)
     for kind in kinds:
@@ -651,7 +664,7 @@ def collect_task_kinds(args: Args, seed: int, work: Path, device: torch.device, 
             snapshot = expert if kind == "expert" else medium
             chosen = [episodes[i] for i in picks[kind]]
             info = {"episode": snapshot["episode"], "eval_return": snapshot["eval_return"]}
-        write_part(work, kind, chosen, info, args, curve)
+        write_part(work, kind, chosen, info, args, curve, medium_episode is not None)
 
 
 def smoothed_returns(snapshots: list, half_width: int = SMOOTH_EVALS // 2) -> np.ndarray:
@@ -661,7 +674,7 @@ def smoothed_returns(snapshots: list, half_width: int = SMOOTH_EVALS // 2) -> np
     return np.array([r[max(0, i - half_width) : i + half_width + 1].mean() for i in range(len(r))])
 
 
-def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: int) -> dict:
+def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: int, medium_episode: int | None = None) -> dict:
     """Which training episodes (0-based indices) make each kind of one seed. The paper gathers trajectories "while
     training an agent to expert-level performance" and extracts 400 per seed "with the specified characteristic";
     we read the characteristic as the level of the policy that acted, not as the luck of one episode:
@@ -670,10 +683,17 @@ def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: i
     - expert: the last `n` training episodes (the agent at the end of training);
     - medium: `n` consecutive training episodes centred on the medium snapshot (after the warm-up);
     - medium-replay: the training episodes before the medium snapshot (warm-up included), evenly thinned to `n`.
-    Also returns the snapshots, the expert level and the episodes needed to reach half of it and 90% of it."""
+    Also returns the snapshots, the expert level and the episodes needed to reach half of it and 90% of it.
+    `medium_episode` (`--medium-snapshots`) names the medium snapshot instead; the expert is then that of a training
+    cut short, and only medium-replay is meant to be used."""
     level = smoothed_returns(snapshots)
     expert_level = float(np.mean([s["eval_return"] for s in snapshots[-SMOOTH_EVALS:]]))
     medium = snapshots[int(np.argmax(level >= expert_level / 2))]  # argmax: the first True (the first snapshot if none)
+    if medium_episode is not None:
+        given = [s for s in snapshots if s["episode"] == medium_episode]
+        if not given:
+            raise SystemExit(f"error: no snapshot at episode {medium_episode} (--medium-snapshots)")
+        medium = given[0]
     near_expert = snapshots[int(np.argmax(level >= 0.9 * expert_level))]
     m = medium["episode"]  # episodes 0 .. m-1 were collected before the medium snapshot was taken
     start = min(max(warmup, m - n // 2), max(warmup, num_episodes - n))
@@ -690,8 +710,9 @@ def pick_training_episodes(snapshots: list, num_episodes: int, warmup: int, n: i
     }
 
 
-def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args, curve: dict | None = None):
-    """One seed's share of a dataset, `work/{kind}.npz`: the chosen episodes as flat transitions."""
+def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args, curve: dict | None = None, given=False):
+    """One seed's share of a dataset, `work/{kind}.npz`: the chosen episodes as flat transitions (`given`: from a
+    medium snapshot given by `--medium-snapshots`)."""
     arrays = [np.concatenate(x) for x in zip(*transitions(chosen), strict=True)]
     lengths = np.array([len(e[1]) for e in chosen])
     timeouts = np.zeros(lengths.sum(), dtype=bool)
@@ -714,15 +735,16 @@ def write_part(work: Path, kind: str, chosen: list, info: dict, args: Args, curv
         late_update_every=args.late_update_every,
         late_episode=args.late_episode,
         part_version=PART_VERSION,
+        medium_snapshot_given=given,
         **{k: np.asarray(v) for k, v in (curve or {}).items()},  # the task agent's learning curve, for the docs
     )
     os.replace(tmp, work / f"{kind}.npz")
     print(f"wrote {len(chosen)} {kind} trajectories to {work / f'{kind}.npz'}")
 
 
-def part_is_current(path: Path, args: Args) -> bool:
-    """A seed's share of a dataset is reused only if it was made from the same training length, size and (for the
-    task agent's kinds) pace."""
+def part_is_current(path: Path, args: Args, given: bool = False) -> bool:
+    """A seed's share of a dataset is reused only if it was made from the same training length, size, (for the
+    task agent's kinds) pace, and the same way to the medium snapshot (found, or `given` by `--medium-snapshots`)."""
     if not path.exists():
         return False
     with np.load(path) as part:
@@ -734,6 +756,7 @@ def part_is_current(path: Path, args: Args) -> bool:
             int(part["train_episodes"]) == args.train_episodes
             and int(part["trajectories_per_seed"]) == args.trajectories_per_seed
             and int(part.get("part_version", 1)) == PART_VERSION
+            and bool(part.get("medium_snapshot_given", False)) == given
             and (
                 path.stem == "plan2explore"
                 or task_pace(*pace) == task_pace(args.update_every, args.late_update_every, args.late_episode)
@@ -870,7 +893,7 @@ def log_returns(args: Args, out: Path, work_root: Path, seeds: list[int]):
                         curves[seed] = {k: part[k] for k in ("eval_episodes", "eval_returns", "expert_level",
                                                               "episodes_to_half_expert", "episodes_to_expert")}  # fmt: skip
                         break
-    for seed, c in curves.items():
+    for seed, c in curves.items() if not args.medium_snapshots else ():
         print(f"seed {seed}: expert level {float(c['expert_level']):.1f} after {c['eval_episodes'][-1]} episodes; half of "
               f"it first at episode {int(c['episodes_to_half_expert'])}, 90% at {int(c['episodes_to_expert'])}")  # fmt: skip
     if not returns:
@@ -915,6 +938,10 @@ def write_dataset(args: Args, kind: str, parts: list[Path], seeds: list[int], pa
         if kind != "plan2explore":  # the task agent's pace (the explorer's is --explorer-update-every)
             f.attrs.update(update_every=args.update_every, late_update_every=args.late_update_every)
             f.attrs.update(late_episode=args.late_episode, train_episodes=args.train_episodes)
+        if args.medium_snapshots:  # the shortcut: each seed trained to its given medium snapshot only
+            f.attrs.update(
+                train_episodes=np.array(args.medium_snapshots), medium_snapshots_given=np.array(args.medium_snapshots)
+            )
     os.replace(tmp, path)
     return stats
 
@@ -927,6 +954,15 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def for_seed(args: Args, seed: int) -> tuple[Args, int | None]:
+    """The settings of one seed's collection and its given medium snapshot (None without `--medium-snapshots`): with
+    the shortcut the seed trains to its medium snapshot and no further."""
+    if not args.medium_snapshots:
+        return args, None
+    m = args.medium_snapshots[seed - args.seed]
+    return replace(args, train_episodes=m), m
 
 
 def resolve_defaults(args: Args) -> Args:
@@ -957,6 +993,19 @@ def check_args(args: Args):
             raise SystemExit(f"error: --episode-length ({args.episode_length}) must be a multiple of --{flag}")
     if not args.kinds:
         raise SystemExit(f"error: --kinds needs at least one of {', '.join(KINDS)}")
+    if args.medium_snapshots:
+        if tuple(args.kinds) != ("medium-replay",):
+            raise SystemExit("error: --medium-snapshots makes medium-replay alone; pass --kinds medium-replay")
+        if len(args.medium_snapshots) != args.num_seeds:
+            raise SystemExit(
+                f"error: --medium-snapshots needs one episode per seed ({args.num_seeds}), got {len(args.medium_snapshots)}"
+            )
+        wrong = [m for m in args.medium_snapshots if m <= args.warmup_episodes or m % args.eval_every]
+        if wrong:
+            raise SystemExit(
+                f"error: --medium-snapshots {wrong[0]} is not a snapshot's episode: a multiple of --eval-every "
+                f"({args.eval_every}) after the warm-up ({args.warmup_episodes} episodes)"
+            )
     make_env(args.env, 0)  # exits with the list of valid names
     out = Path(args.datasets_dir) / args.env
     try:
@@ -989,9 +1038,10 @@ if __name__ == "__main__":
     for seed in seeds:
         work = work_root / f"seed_{seed}"
         work.mkdir(parents=True, exist_ok=True)
-        if not all(part_is_current(work / f"{kind}.npz", args) for kind in args.kinds):
+        seed_args, medium_episode = for_seed(args, seed)
+        if not all(part_is_current(work / f"{kind}.npz", seed_args, medium_episode is not None) for kind in args.kinds):
             lock = lock_seed(work, seed)
-            collect_seed(args, seed, work, device)
+            collect_seed(seed_args, seed, work, device, medium_episode)
             lock.close()
         print(f"seed {seed} done after {(time.time() - start) / 60:.1f} min", flush=True)
     if not args.assemble:

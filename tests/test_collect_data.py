@@ -310,6 +310,15 @@ def test_plan2explore_alone_is_the_explorers_replay_after_the_shared_warmup(tmp_
         (["--train-episodes", "100", "--warmup-episodes", "700"], "--warmup-episodes must be in"),
         (["--kinds", "expert", "--datasets-dir", "/dev/null/datasets"], "cannot write to /dev/null/datasets"),
         (["--late-update-every", "3"], "--episode-length (500) must be a multiple of --late-update-every"),
+        (["--medium-snapshots", "500"], "--medium-snapshots makes medium-replay alone; pass --kinds medium-replay"),
+        (
+            ["--kinds", "medium-replay", "--medium-snapshots", "500"],
+            "--medium-snapshots needs one episode per seed (5), got 1",
+        ),
+        (
+            ["--kinds", "medium-replay", "--num-seeds", "1", "--medium-snapshots", "505"],
+            "--medium-snapshots 505 is not a snapshot",
+        ),
     ],
 )
 def test_one_line_errors(flags, message, tmp_path):
@@ -435,6 +444,49 @@ def test_one_lucky_evaluation_is_not_the_medium_snapshot():
     assert picks["medium_snapshot"]["episode"] == 240 and picks["episodes_to_half_expert"] == 240
     assert picks["episodes_to_expert"] == 330  # 400, 400, 800, 800, 800 -> 640; then 720 at episode 330
     assert np.allclose(cd.smoothed_returns(snapshots([1, 2, 3, 4, 5, 6]))[:3], [2, 2.5, 3])
+
+
+def test_a_given_medium_snapshot_picks_the_episodes_before_it():
+    evals = np.minimum(np.arange(1, 301) * 400 / 120, 800.0)  # as above: the found medium snapshot is at episode 1200
+    full = cd.pick_training_episodes(snapshots(evals), 3000, warmup=10, n=400)
+    cut = cd.pick_training_episodes(snapshots(evals[:120]), 1200, warmup=10, n=400, medium_episode=1200)
+    assert cut["medium_snapshot"]["episode"] == 1200 and cut["medium-replay"] == full["medium-replay"]
+    other = cd.pick_training_episodes(snapshots(evals), 3000, warmup=10, n=400, medium_episode=300)
+    assert other["medium-replay"] == [int(i) for i in np.linspace(0, 299, 300).round()]  # fewer than n: all of them
+    with pytest.raises(SystemExit, match="no snapshot at episode 305"):
+        cd.pick_training_episodes(snapshots(evals), 3000, warmup=10, n=400, medium_episode=305)
+
+
+def test_medium_replay_from_seeds_trained_to_their_given_medium_snapshots(tmp_path):
+    """--medium-snapshots: each seed trains to its snapshot and no further, and its share is the full collection's."""
+    flags = [*FAST, "--kinds", "medium-replay", "--num-seeds", "2", "--trajectories-per-seed", "3", "--episode-length", "100"]
+    run(*flags, "--datasets-dir", tmp_path / "full", "--runs-dir", tmp_path / "runs")
+    full_file = tmp_path / "full" / "cheetah-run" / "medium-replay.hdf5"
+    with h5py.File(full_file) as f:
+        found = [int(m) for m in f.attrs["snapshot_episodes"]]
+        full = {k: f[k][:] for k in KEYS}
+    # seed 1 at the snapshot the full collection found, seed 2 at another one (episode 6, three snapshots in)
+    out = run(*flags, "--medium-snapshots", found[0], 6, "--datasets-dir", tmp_path / "cut", "--runs-dir", tmp_path / "runs")
+    assert "seed 2: the given medium snapshot at episode 6" in out.stdout and "expert level" not in out.stdout
+    work = tmp_path / "cut" / "cheetah-run" / ".work"
+    assert [torch.load(work / f"seed_{s}" / "checkpoint.pt", weights_only=False)["episode"] for s in (1, 2)] == [found[0], 6]
+    episodes_2 = torch.load(tmp_path / "full" / "cheetah-run" / ".work" / "seed_2" / "checkpoint.pt", weights_only=False)
+    expected_2 = [cd.transitions([episodes_2["episodes"][i]]) for i in (0, 2, 5)]  # episodes 0..5 thinned to 3
+    expected_2 = np.concatenate([next(t)[0] for t in expected_2])
+    with h5py.File(tmp_path / "cut" / "cheetah-run" / "medium-replay.hdf5") as f:
+        seed_1 = 3 * 100  # seed 1's share: its 3 episodes of 100 steps
+        for k in KEYS:
+            assert np.array_equal(f[k][:seed_1], full[k][:seed_1]), k  # bit for bit the full collection's
+        assert np.array_equal(f["observations"][seed_1:], expected_2)
+        assert list(f.attrs["snapshot_episodes"]) == [found[0], 6] and list(f.attrs["medium_snapshots_given"]) == [found[0], 6]
+        assert list(f.attrs["train_episodes"]) == [found[0], 6]
+    # assembled again, nothing is retrained; and a checkpoint past a given snapshot is an error that names the flag
+    again = run(*flags, "--medium-snapshots", found[0], 6, "--resume", "--overwrite", "--datasets-dir", tmp_path / "cut",
+                "--runs-dir", tmp_path / "runs")  # fmt: skip
+    assert "resumed from" not in again.stdout and "trajectories to" not in again.stdout
+    past = run(*flags, "--medium-snapshots", 3, 3, "--resume", "--overwrite", "--datasets-dir", tmp_path / "cut",
+               "--runs-dir", tmp_path / "runs", check=False)  # fmt: skip
+    assert past.returncode != 0 and "past --train-episodes or this seed's --medium-snapshots (3 episodes)" in past.stderr
 
 
 def test_seeds_collected_in_parallel_assemble_into_one_dataset(tmp_path):
